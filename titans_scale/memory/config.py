@@ -1,0 +1,23 @@
+"""Typed configuration of the neural long-term memory (design doc, section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class MemoryConfig:
+    """Hyper-parameters of one neural memory layer; ``dim`` and ``heads`` come from the model."""
+
+    depth: int = 2  # L_M: 1 = linear matrix memory, >= 2 = MLP with residual + LayerNorm
+    expansion: int = 4  # e: hidden width e * d of the memory MLP
+    chunk_size: int = 16  # b: tokens whose inner gradients share the chunk-start weights
+    theta_max: float = 0.1  # upper bound of the inner learning rate theta_t
+    momentum: bool = True  # ablation switch: False sets eta_t = 0 (no past surprise)
+    forgetting: bool = True  # ablation switch: False sets alpha_t = 0 (no weight decay)
+    conv_width: int = 4  # causal depthwise convolution on q, k, v
+    alpha_bias_init: float = -6.0  # forgetting starts near 0.0025 per token (see design doc)
+    eta_bias_init: float = 0.0  # momentum starts mid-range (0.5)
+    theta_bias_init: float = 0.0
+    ln_eps: float = 1e-5
+    checkpoint_every: int = 0  # keep the memory state every k chunks, recompute between (0 = off)

@@ -1,0 +1,156 @@
+"""The neural memory as a layer: projections, short convolution, gates, memory, output gate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MemoryConfig
+from .maths import MemoryState, check_state, chunked_memory, initial_state, memory_read, memory_shapes, reference_memory
+
+
+@dataclass
+class NeuralMemoryState:
+    """What a memory layer carries between calls: the memory itself and the convolution's last inputs."""
+
+    memory: MemoryState
+    conv: Tensor  # (B, conv_width - 1, 3 * H * d): the pre-convolution q, k, v of the latest tokens
+
+    def detach(self) -> "NeuralMemoryState":
+        return NeuralMemoryState(self.memory.detach(), self.conv.detach())
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise 1-D convolution over the sequence, with a cache of the last inputs."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, 1, width))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, N, C); cache: (B, width - 1, C). Returns the output and the new cache."""
+        full = torch.cat([cache, x], 1)
+        y = F.conv1d(full.transpose(1, 2), self.weight, self.bias, groups=full.shape[-1]).transpose(1, 2)
+        return y, full[:, full.shape[1] - (self.width - 1) :]
+
+
+def validate_memory(dim: int, heads: int, cfg: MemoryConfig) -> None:
+    """The one place that checks a memory configuration; raises ValueError naming field and value."""
+    if heads < 1 or dim % heads:
+        raise ValueError(f"heads={heads} must be >= 1 and divide dim={dim}")
+    if cfg.depth < 1:
+        raise ValueError(f"memory depth={cfg.depth} must be >= 1")
+    if cfg.chunk_size < 1:
+        raise ValueError(f"memory chunk_size={cfg.chunk_size} must be >= 1")
+    if cfg.expansion < 1:
+        raise ValueError(f"memory expansion={cfg.expansion} must be >= 1")
+    if cfg.conv_width < 1:
+        raise ValueError(f"memory conv_width={cfg.conv_width} must be >= 1")
+    if not cfg.theta_max > 0:
+        raise ValueError(f"memory theta_max={cfg.theta_max} must be > 0")
+    if cfg.checkpoint_every < 0:
+        raise ValueError(f"memory checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 = off)")
+
+
+class NeuralMemory(nn.Module):
+    """Multi-head neural long-term memory (LMM) of design section 1.
+
+    ``forward(x, state)`` writes every token into the memory and returns its read after the write,
+    ``o = W_O (RMSNorm(y) * SiLU(x W_G))`` (the paper's normalisation and linear gate, in the form of
+    Gated DeltaNet; our choice), plus the state to carry into the next call.
+    """
+
+    def __init__(self, dim: int, heads: int, cfg: MemoryConfig | None = None, reference: bool = False):
+        super().__init__()
+        cfg = cfg or MemoryConfig()
+        validate_memory(dim, heads, cfg)
+        self.dim, self.heads, self.cfg = dim, heads, cfg
+        self.head_dim = d = dim // heads
+        self.reference = reference  # use the slow token-by-token path (tests, debugging)
+        inner = heads * d
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.conv = ShortConv(3 * inner, cfg.conv_width)
+        self.to_theta = nn.Linear(dim, heads)
+        self.to_eta = nn.Linear(dim, heads)
+        self.to_alpha = nn.Linear(dim, heads)
+        self.shapes = memory_shapes(d, cfg.depth, cfg.expansion)
+        self.initial_weights = nn.ParameterList(nn.Parameter(torch.empty(heads, o, i)) for o, i in self.shapes)
+        if cfg.depth >= 2:
+            self.ln_weight = nn.Parameter(torch.ones(heads, d))
+            self.ln_bias = nn.Parameter(torch.zeros(heads, d))
+        self.out_norm_weight = nn.Parameter(torch.ones(d))
+        self.to_gate = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.reset_memory_parameters()
+
+    def reset_memory_parameters(self) -> None:
+        """W_0 scaled to keep activations O(1); gates start at the biases of the config (design doc)."""
+        for w, (_, fan_in) in zip(self.initial_weights, self.shapes):
+            if self.cfg.depth == 1:
+                nn.init.zeros_(w)  # an empty matrix memory
+            else:
+                nn.init.normal_(w, std=1.0 / math.sqrt(fan_in))
+        for proj, bias in ((self.to_theta, self.cfg.theta_bias_init), (self.to_eta, self.cfg.eta_bias_init), (self.to_alpha, self.cfg.alpha_bias_init)):
+            nn.init.normal_(proj.weight, std=0.02)
+            nn.init.constant_(proj.bias, bias)
+
+    @property
+    def ln(self) -> tuple[Tensor, Tensor] | None:
+        return (self.ln_weight, self.ln_bias) if self.cfg.depth >= 2 else None
+
+    def init_state(self, batch: int) -> NeuralMemoryState:
+        ref = self.initial_weights[0]
+        conv = ref.new_zeros(batch, self.cfg.conv_width - 1, 3 * self.heads * self.head_dim)
+        return NeuralMemoryState(initial_state(list(self.initial_weights), batch), conv)
+
+    def _heads(self, t: Tensor) -> Tensor:  # (B, N, H*d) -> (B, H, N, d)
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def project(self, x: Tensor, conv_cache: Tensor):
+        """q, k, v (B, H, N, d) and the gates theta, log eta, log(1 - alpha) (B, H, N)."""
+        qkv = torch.cat([self.to_q(x), self.to_k(x), self.to_v(x)], -1)
+        qkv, conv_cache = self.conv(qkv, conv_cache)
+        q, k, v = (self._heads(t) for t in F.silu(qkv).chunk(3, -1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        theta = self.cfg.theta_max * torch.sigmoid(self.to_theta(x)).transpose(1, 2)
+        log_eta = F.logsigmoid(self.to_eta(x)).transpose(1, 2)
+        log_decay = F.logsigmoid(-self.to_alpha(x)).transpose(1, 2)  # log(1 - sigmoid(a))
+        if not self.cfg.forgetting:
+            log_decay = torch.zeros_like(log_decay)
+        return q, k, v, theta, log_eta, log_decay, conv_cache
+
+    def memorize(self, q, k, v, theta, log_eta, log_decay, state: MemoryState) -> tuple[Tensor, MemoryState]:
+        """Write and read per token with the fast path (or the reference); y is (B, H, N, d)."""
+        check_state(state, q.shape[0], self.shapes, self.heads, q.dtype)
+        common = dict(chunk_size=self.cfg.chunk_size, ln=self.ln, eps=self.cfg.ln_eps, momentum=self.cfg.momentum)
+        if self.reference:
+            return reference_memory(q, k, v, theta, log_eta, log_decay, state, **common)
+        return chunked_memory(q, k, v, theta, log_eta, log_decay, state, checkpoint_every=self.cfg.checkpoint_every, **common)
+
+    def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:
+        """Read without writing ("M*"), at the weights of the last chunk boundary: (B, H, N, d)."""
+        return memory_read(q, state.weights, None if self.ln is None else tuple(p.unsqueeze(1) for p in self.ln), self.cfg.ln_eps)
+
+    def output(self, y: Tensor, x: Tensor) -> Tensor:
+        """RMS-normalise each head's read, gate it by the input, project back to the model width."""
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm_weight
+        y = y.transpose(1, 2).flatten(2)
+        return self.to_out(y * F.silu(self.to_gate(x)))
+
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, tokens, {self.dim})")
+        if state is None:
+            state = self.init_state(x.shape[0])
+        q, k, v, theta, log_eta, log_decay, conv = self.project(x, state.conv)
+        y, memory = self.memorize(q, k, v, theta, log_eta, log_decay, state.memory)
+        return self.output(y, x), NeuralMemoryState(memory, conv)

@@ -1,0 +1,355 @@
+"""The maths of the neural long-term memory (design doc, section 1), with no module or distributed code.
+
+Shapes: ``B`` batch, ``H`` heads, ``N`` tokens, ``d`` head size. A memory of depth ``L`` is an MLP whose
+weight matrices ``W^(l)`` (``out x in``) are the fast weights. For ``L = 1`` it is ``M_W(z) = W z``; for
+``L >= 2`` it is ``M_W(z) = z + LN(W_L gelu(... gelu(W_1 z)))`` with a per-head LayerNorm whose scale and
+shift are outer-loop parameters.
+
+Per token the memory learns ``l_t(W) = ||M_W(k_t) - v_t||^2`` with momentum and forgetting::
+
+    S_t = eta_t S_{t-1} - theta_t grad l_t(W_{t'})      W_t = (1 - alpha_t) W_{t-1} + S_t
+
+where ``t'`` ends the previous chunk of ``chunk_size`` tokens. ``chunked_memory`` is the fast path
+(chunk-parallel, analytic inner gradients, dual-form reads); ``reference_memory`` is the slow path that
+loops token by token, materialises every ``W_t`` and takes the inner gradient from autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+def memory_shapes(head_dim: int, depth: int, expansion: int) -> list[tuple[int, int]]:
+    """``(out, in)`` of each fast-weight matrix: d -> e*d -> ... -> e*d -> d (or d -> d for depth 1)."""
+    if depth == 1:
+        return [(head_dim, head_dim)]
+    hidden = expansion * head_dim
+    dims = [head_dim] + [hidden] * (depth - 1) + [head_dim]
+    return [(dims[i + 1], dims[i]) for i in range(depth)]
+
+
+@dataclass
+class MemoryState:
+    """The memory of every (batch, head) at the last chunk boundary, plus the tokens written since.
+
+    ``weights`` and ``momentum`` hold ``W`` and ``S`` per MLP layer, ``(B, H, out, in)``. ``pending``
+    holds ``(k, v, theta, log_eta, log_decay)`` of the tokens after that boundary (fewer than a chunk):
+    their gradients must still be taken at the boundary weights, so the next call finishes their chunk.
+    """
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...]
+    pending: tuple[Tensor, ...]
+
+    @property
+    def num_pending(self) -> int:
+        return self.pending[0].shape[2]
+
+    def detach(self) -> "MemoryState":
+        return MemoryState(*(tuple(t.detach() for t in group) for group in (self.weights, self.momentum, self.pending)))
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.weights, *self.momentum, *self.pending]
+
+
+def initial_state(initial_weights: list[Tensor] | tuple[Tensor, ...], batch: int) -> MemoryState:
+    """The state before any token: the learned ``W_0`` (shared across the batch), ``S_0 = 0``."""
+    weights = tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in initial_weights)
+    momentum = tuple(torch.zeros_like(w) for w in weights)
+    w0 = initial_weights[0]
+    heads, d = w0.shape[0], initial_weights[0].shape[-1]
+    empty = w0.new_zeros(batch, heads, 0, d)
+    gates = w0.new_zeros(batch, heads, 0)
+    return MemoryState(weights, momentum, (empty, empty, gates, gates, gates))
+
+
+def check_state(state: MemoryState, batch: int, shapes: list[tuple[int, int]], heads: int, dtype: torch.dtype) -> None:
+    """Raise a ValueError naming the mismatch when a carried state does not fit this memory."""
+    if len(state.weights) != len(shapes) or len(state.momentum) != len(shapes):
+        raise ValueError(f"memory_state has {len(state.weights)} weight matrices; this memory has depth {len(shapes)}")
+    for name, group in (("weights", state.weights), ("momentum", state.momentum)):
+        for layer, (t, (out, inp)) in enumerate(zip(group, shapes)):
+            if tuple(t.shape) != (batch, heads, out, inp):
+                raise ValueError(
+                    f"memory_state.{name}[{layer}] has shape {tuple(t.shape)}; expected {(batch, heads, out, inp)}"
+                )
+            if t.dtype != dtype:
+                raise ValueError(f"memory_state.{name}[{layer}] has dtype {t.dtype}; expected {dtype}")
+    for t in state.pending:
+        if t.shape[:2] != (batch, heads) or t.dtype != dtype:
+            raise ValueError(
+                f"memory_state.pending has shape {tuple(t.shape)} / dtype {t.dtype}; "
+                f"expected ({batch}, {heads}, n, ...) / {dtype}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The memory MLP and its analytic inner gradient
+
+
+def _gelu_grad(a: Tensor) -> Tensor:
+    """d/da of the exact (erf) GELU."""
+    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + a * pdf
+
+
+def _layer_norm(a: Tensor, ln: tuple[Tensor, Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(LN(a), a_hat, rstd)``; ``a_hat`` and ``rstd`` are what the backward pass needs."""
+    gamma, beta = ln
+    mu = a.mean(-1, keepdim=True)
+    centred = a - mu
+    rstd = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+    a_hat = centred * rstd
+    return a_hat * gamma + beta, a_hat, rstd
+
+
+def memory_read(z: Tensor, weights: tuple[Tensor, ...] | list[Tensor], ln: tuple[Tensor, Tensor] | None, eps: float) -> Tensor:
+    """``M_W(z)`` for fixed weights, no update ("M*"). ``z``: (..., n, d); weights (..., out, in)."""
+    h = z
+    for layer, w in enumerate(weights):
+        a = h @ w.transpose(-1, -2)
+        h = F.gelu(a) if layer < len(weights) - 1 else a
+    if ln is None:
+        return h
+    return z + _layer_norm(h, ln, eps)[0]
+
+
+def _inner_gradient(k: Tensor, v: Tensor, weights, ln, eps):
+    """Analytic backprop of ``||M_W(k) - v||^2`` at ``W``: the inputs ``h`` and output-gradients ``delta``
+    of every layer, so that ``grad_W^(l) = sum_i delta_i^(l) h_i^(l)T`` (rank 1 per token)."""
+    depth = len(weights)
+    inputs, pre = [k], []
+    h = k
+    for layer, w in enumerate(weights):
+        a = h @ w.transpose(-1, -2)
+        pre.append(a)
+        if layer < depth - 1:
+            h = F.gelu(a)
+            inputs.append(h)
+    if ln is None:
+        delta = 2.0 * (a - v)
+    else:
+        normed, a_hat, rstd = _layer_norm(a, ln, eps)
+        g = 2.0 * (k + normed - v) * ln[0]
+        delta = rstd * (g - g.mean(-1, keepdim=True) - a_hat * (g * a_hat).mean(-1, keepdim=True))
+    deltas = [delta]
+    for layer in range(depth - 1, 0, -1):
+        delta = (delta @ weights[layer]) * _gelu_grad(pre[layer - 1])
+        deltas.append(delta)
+    return inputs, deltas[::-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chunk coefficients: the within-chunk recurrence unrolled in log space
+
+
+def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_decay: Tensor, momentum: bool):
+    """Coefficients of ``W_t = A_t W' + Bm_t S' - sum_i C_ti u_i`` for every chunk at once.
+
+    Inputs are (..., b) per chunk: ``theta``, ``log eta`` and ``log(1 - alpha)``. Returns ``A``, ``Bm``
+    (..., b), ``C`` (..., b, b) lower-triangular, and for the end-of-chunk momentum
+    ``S_b = E S' - sum_i F_i u_i`` the factors ``E`` (...) and ``F`` (..., b).
+    """
+    b = theta.shape[-1]
+    causal = torch.ones(b, b, dtype=torch.bool, device=theta.device).tril()
+    log_a = log_decay.cumsum(-1)
+    decay = torch.exp((log_a.unsqueeze(-1) - log_a.unsqueeze(-2)).masked_fill(~causal, float("-inf")))  # [t, s]
+    if momentum:
+        log_e = log_eta.cumsum(-1)
+        carry = torch.exp((log_e.unsqueeze(-1) - log_e.unsqueeze(-2)).masked_fill(~causal, float("-inf")))  # [s, i]
+        eta_prod = torch.exp(log_e)
+    else:
+        carry = torch.eye(b, dtype=theta.dtype, device=theta.device).expand(*theta.shape, b)
+        eta_prod = torch.zeros_like(theta)
+    A = torch.exp(log_a)
+    Bm = (decay @ eta_prod.unsqueeze(-1)).squeeze(-1)
+    C = (decay @ carry) * theta.unsqueeze(-2)
+    E = eta_prod[..., -1]
+    Fm = carry[..., -1, :] * theta
+    return A, Bm, C, E, Fm
+
+
+def _chunk_step(weights, momenta, q, k, v, A, Bm, C, E, Fm, ln, eps):
+    """One chunk: inner gradients at the chunk-start weights, dual-form reads of every ``W_t``, and the
+    state at the chunk's end. All tensors are flattened over (batch, head): q/k/v (BH, b, d)."""
+    inputs, deltas = _inner_gradient(k, v, weights, ln, eps)
+    depth = len(weights)
+    r = q
+    new_w, new_s = [], []
+    for layer in range(depth):
+        w, s, h, delta = weights[layer], momenta[layer], inputs[layer], deltas[layer]
+        z = (
+            A.unsqueeze(-1) * (r @ w.transpose(-1, -2))
+            + Bm.unsqueeze(-1) * (r @ s.transpose(-1, -2))
+            - (C * (r @ h.transpose(-1, -2))) @ delta
+        )
+        r = F.gelu(z) if layer < depth - 1 else z
+        new_w.append(A[:, -1, None, None] * w + Bm[:, -1, None, None] * s - (delta * C[:, -1, :, None]).transpose(-1, -2) @ h)
+        new_s.append(E[:, None, None] * s - (delta * Fm[:, :, None]).transpose(-1, -2) @ h)
+    y = r if ln is None else q + _layer_norm(r, ln, eps)[0]
+    return y, new_w, new_s
+
+
+def _chunk_group(depth, ln, eps, *tensors):
+    """Runs consecutive chunks; a separate function so that it can be recomputed in backward."""
+    weights, momenta = list(tensors[:depth]), list(tensors[depth : 2 * depth])
+    q, k, v, A, Bm, C, E, Fm = tensors[2 * depth :]
+    ys = []
+    for c in range(q.shape[1]):
+        y, weights, momenta = _chunk_step(weights, momenta, q[:, c], k[:, c], v[:, c], A[:, c], Bm[:, c], C[:, c], E[:, c], Fm[:, c], ln, eps)
+        ys.append(y)
+    return (torch.stack(ys, 1), *weights, *momenta)
+
+
+def _with_pending(state: MemoryState, q, k, v, theta, log_eta, log_decay):
+    """Prepends the pending tokens of ``state`` (zero queries: their reads were already returned)."""
+    n = state.num_pending
+    if n == 0:
+        return q, k, v, theta, log_eta, log_decay
+    pk, pv, pt, pe, pd = state.pending
+    return (
+        torch.cat([q.new_zeros(*q.shape[:2], n, q.shape[-1]), q], 2),
+        torch.cat([pk, k], 2),
+        torch.cat([pv, v], 2),
+        torch.cat([pt, theta], 2),
+        torch.cat([pe, log_eta], 2),
+        torch.cat([pd, log_decay], 2),
+    )
+
+
+def chunked_memory(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    log_eta: Tensor,
+    log_decay: Tensor,
+    state: MemoryState,
+    *,
+    chunk_size: int,
+    ln: tuple[Tensor, Tensor] | None = None,
+    eps: float = 1e-5,
+    momentum: bool = True,
+    checkpoint_every: int = 0,
+) -> tuple[Tensor, MemoryState]:
+    """Writes ``k -> v`` into the memory and reads ``y_t = M_{W_t}(q_t)`` for every token (fast path).
+
+    q, k, v: (B, H, N, d); theta, log_eta (log of eta), log_decay (log of 1 - alpha): (B, H, N).
+    ``ln`` is the (H, d) scale and shift of the memory's LayerNorm (depth >= 2). ``checkpoint_every = k``
+    keeps the state only every k chunks and recomputes the rest in backward (activation memory ~ N / k).
+    Returns y (B, H, N, d) and the state after the last token.
+    """
+    B, H, N, d = q.shape
+    n_pending = state.num_pending
+    q, k, v, theta, log_eta, log_decay = _with_pending(state, q, k, v, theta, log_eta, log_decay)
+    total = n_pending + N
+    b = chunk_size
+    n_full, tail = divmod(total, b)
+    n_chunks = n_full + (tail > 0)
+    pad = n_chunks * b - total
+
+    def chunks(t: Tensor) -> Tensor:  # (B, H, T, ...) -> (BH, n_chunks, b, ...)
+        if pad:
+            t = F.pad(t, (0, 0, 0, pad) if t.dim() == 4 else (0, pad))
+        return t.reshape(B * H, n_chunks, b, *t.shape[3:])
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    A, Bm, C, E, Fm = chunk_coefficients(chunks(theta), chunks(log_eta), chunks(log_decay), momentum)
+    ln_flat = None
+    if ln is not None:
+        ln_flat = tuple(p.unsqueeze(0).expand(B, H, d).reshape(B * H, 1, d) for p in ln)
+
+    depth = len(state.weights)
+    weights = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
+    momenta = [s.reshape(B * H, *s.shape[2:]) for s in state.momentum]
+    per_chunk = (qc, kc, vc, A, Bm, C, E, Fm)
+    group = checkpoint_every if checkpoint_every > 0 else n_chunks
+    ys = []
+    end_w, end_s = weights, momenta  # state after the last complete chunk
+    for start in range(0, n_chunks, group):
+        stop = min(start + group, n_chunks)
+        # A trailing partial chunk is read but never folded into the state: it stays pending.
+        full_stop = min(stop, n_full)
+        if full_stop > start:
+            args = [*end_w, *end_s, *(t[:, start:full_stop] for t in per_chunk)]
+            if checkpoint_every > 0 and torch.is_grad_enabled():
+                out = checkpoint(_chunk_group, depth, ln_flat, eps, *args, use_reentrant=False)
+            else:
+                out = _chunk_group(depth, ln_flat, eps, *args)
+            ys.append(out[0])
+            end_w, end_s = list(out[1 : 1 + depth]), list(out[1 + depth :])
+        if stop > full_stop:  # the partial chunk
+            args = [*end_w, *end_s, *(t[:, n_full:] for t in per_chunk)]
+            ys.append(_chunk_group(depth, ln_flat, eps, *args)[0])
+    y = torch.cat(ys, 1).reshape(B, H, n_chunks * b, d)[:, :, n_pending:total]
+
+    keep = slice(n_full * b, total)
+    new_state = MemoryState(
+        tuple(w.reshape(B, H, *w.shape[1:]) for w in end_w),
+        tuple(s.reshape(B, H, *s.shape[1:]) for s in end_s),
+        (k[:, :, keep], v[:, :, keep], theta[:, :, keep], log_eta[:, :, keep], log_decay[:, :, keep]),
+    )
+    return y, new_state
+
+
+# ----------------------------------------------------------------------------------------------------
+# The slow, obviously-correct reference
+
+
+def reference_memory(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    log_eta: Tensor,
+    log_decay: Tensor,
+    state: MemoryState,
+    *,
+    chunk_size: int,
+    ln: tuple[Tensor, Tensor] | None = None,
+    eps: float = 1e-5,
+    momentum: bool = True,
+) -> tuple[Tensor, MemoryState]:
+    """Token by token: materialises ``W_t``, takes ``grad l_t(W_{t'})`` from torch.autograd, reads
+    ``M_{W_t}(q_t)``. Same signature and result as ``chunked_memory``; for tests and users who doubt."""
+    B, H, N, d = q.shape
+    n_pending = state.num_pending
+    q, k, v, theta, log_eta, log_decay = _with_pending(state, q, k, v, theta, log_eta, log_decay)
+    ln_b = None if ln is None else tuple(p.unsqueeze(0).unsqueeze(2) for p in ln)  # (1, H, 1, d)
+    eta = torch.exp(log_eta) if momentum else torch.zeros_like(log_eta)
+    keep_decay = torch.exp(log_decay)
+    W, S = list(state.weights), list(state.momentum)
+    boundary_w, boundary_s = list(W), list(S)
+    ys = []
+    with torch.enable_grad():
+        for t in range(q.shape[2]):
+            if t % chunk_size == 0:
+                boundary_w, boundary_s = list(W), list(S)
+                anchor = [w if w.requires_grad else w.detach().requires_grad_() for w in W]
+                W = anchor
+            kt, vt = k[:, :, t : t + 1], v[:, :, t : t + 1]
+            loss = ((memory_read(kt, anchor, ln_b, eps) - vt) ** 2).sum()
+            grads = torch.autograd.grad(loss, anchor, create_graph=True)
+            th = theta[:, :, t, None, None]
+            S = [eta[:, :, t, None, None] * s - th * g for s, g in zip(S, grads)]
+            W = [keep_decay[:, :, t, None, None] * w + s for w, s in zip(W, S)]
+            ys.append(memory_read(q[:, :, t : t + 1], W, ln_b, eps))
+    y = torch.cat(ys, 2)[:, :, n_pending:]
+    total = q.shape[2]
+    n_full = total // chunk_size
+    if total % chunk_size == 0:
+        boundary_w, boundary_s = W, S
+    keep = slice(n_full * chunk_size, total)
+    new_state = MemoryState(
+        tuple(boundary_w),
+        tuple(boundary_s),
+        (k[:, :, keep], v[:, :, keep], theta[:, :, keep], log_eta[:, :, keep], log_decay[:, :, keep]),
+    )
+    return y, new_state
