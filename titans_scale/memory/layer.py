@@ -80,8 +80,9 @@ class NeuralMemory(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.conv = ShortConv(3 * inner, cfg.conv_width)
         self.to_theta = nn.Linear(dim, heads)
-        self.to_eta = nn.Linear(dim, heads)
-        self.to_alpha = nn.Linear(dim, heads)
+        # An ablated gate has no parameters at all (unused parameters upset data-parallel wrappers).
+        self.to_eta = nn.Linear(dim, heads) if cfg.momentum else None
+        self.to_alpha = nn.Linear(dim, heads) if cfg.forgetting else None
         self.shapes = memory_shapes(d, cfg.depth, cfg.expansion)
         self.initial_weights = nn.ParameterList(nn.Parameter(torch.empty(heads, o, i)) for o, i in self.shapes)
         if cfg.depth >= 2:
@@ -100,6 +101,8 @@ class NeuralMemory(nn.Module):
             else:
                 nn.init.normal_(w, std=1.0 / math.sqrt(fan_in))
         for proj, bias in ((self.to_theta, self.cfg.theta_bias_init), (self.to_eta, self.cfg.eta_bias_init), (self.to_alpha, self.cfg.alpha_bias_init)):
+            if proj is None:
+                continue
             nn.init.normal_(proj.weight, std=0.02)
             nn.init.constant_(proj.bias, bias)
 
@@ -122,10 +125,9 @@ class NeuralMemory(nn.Module):
         q, k, v = (self._heads(t) for t in F.silu(qkv).chunk(3, -1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         theta = self.cfg.theta_max * torch.sigmoid(self.to_theta(x)).transpose(1, 2)
-        log_eta = F.logsigmoid(self.to_eta(x)).transpose(1, 2)
-        log_decay = F.logsigmoid(-self.to_alpha(x)).transpose(1, 2)  # log(1 - sigmoid(a))
-        if not self.cfg.forgetting:
-            log_decay = torch.zeros_like(log_decay)
+        zeros = torch.zeros_like(theta)
+        log_eta = F.logsigmoid(self.to_eta(x)).transpose(1, 2) if self.to_eta is not None else zeros  # unused
+        log_decay = F.logsigmoid(-self.to_alpha(x)).transpose(1, 2) if self.to_alpha is not None else zeros
         return q, k, v, theta, log_eta, log_decay, conv_cache
 
     def memorize(self, q, k, v, theta, log_eta, log_decay, state: MemoryState) -> tuple[Tensor, MemoryState]:
@@ -151,6 +153,9 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, tokens, {self.dim})")
         if state is None:
             state = self.init_state(x.shape[0])
+        check_state(state.memory, x.shape[0], self.shapes, self.heads, x.dtype)
+        if state.conv.shape != (x.shape[0], self.cfg.conv_width - 1, 3 * self.heads * self.head_dim):
+            raise ValueError(f"memory_state.conv has shape {tuple(state.conv.shape)}; expected batch {x.shape[0]}")
         q, k, v, theta, log_eta, log_decay, conv = self.project(x, state.conv)
         y, memory = self.memorize(q, k, v, theta, log_eta, log_decay, state.memory)
         return self.output(y, x), NeuralMemoryState(memory, conv)
