@@ -189,3 +189,17 @@ def test_bad_state_raises_value_error():
         mem(x, type(state)(bad, state.conv))
     with pytest.raises(ValueError, match="x has shape"):
         mem(torch.randn(2, 8, DIM + 1, dtype=torch.float64))
+
+
+def test_half_precision_keeps_float32_state():
+    torch.manual_seed(0)
+    mem = NeuralMemory(DIM, HEADS, MemoryConfig(depth=2, chunk_size=4))
+    x = torch.randn(2, 21, DIM)
+    y32, _ = mem(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_auto, state = mem(x)
+    assert all(t.dtype == torch.float32 for t in (*state.memory.weights, *state.memory.momentum))
+    assert (y_auto.float() - y32).abs().max() < 0.05 * y32.abs().max()
+    y_half, state = mem.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y_half.dtype == torch.bfloat16 and state.memory.weights[0].dtype == torch.float32
+    assert (y_half.float() - y32).abs().max() < 0.05 * y32.abs().max()

@@ -24,6 +24,11 @@ class NeuralMemoryState:
         return NeuralMemoryState(self.memory.detach(), self.conv.detach())
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The memory state is kept in float32 whenever activations are in half precision."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class ShortConv(nn.Module):
     """Causal depthwise 1-D convolution over the sequence, with a cache of the last inputs."""
 
@@ -110,10 +115,13 @@ class NeuralMemory(nn.Module):
     def ln(self) -> tuple[Tensor, Tensor] | None:
         return (self.ln_weight, self.ln_bias) if self.cfg.depth >= 2 else None
 
-    def init_state(self, batch: int) -> NeuralMemoryState:
+    def init_state(self, batch: int, dtype: torch.dtype | None = None) -> NeuralMemoryState:
+        """The state before any token; ``dtype`` is the activations' dtype (default: the parameters')."""
         ref = self.initial_weights[0]
-        conv = ref.new_zeros(batch, self.cfg.conv_width - 1, 3 * self.heads * self.head_dim)
-        return NeuralMemoryState(initial_state(list(self.initial_weights), batch), conv)
+        dtype = dtype or ref.dtype
+        conv = ref.new_zeros(batch, self.cfg.conv_width - 1, 3 * self.heads * self.head_dim, dtype=dtype)
+        weights = [w.to(state_dtype(dtype)) for w in self.initial_weights]
+        return NeuralMemoryState(initial_state(weights, batch), conv)
 
     def _heads(self, t: Tensor) -> Tensor:  # (B, N, H*d) -> (B, H, N, d)
         return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
@@ -131,12 +139,23 @@ class NeuralMemory(nn.Module):
         return q, k, v, theta, log_eta, log_decay, conv_cache
 
     def memorize(self, q, k, v, theta, log_eta, log_decay, state: MemoryState) -> tuple[Tensor, MemoryState]:
-        """Write and read per token with the fast path (or the reference); y is (B, H, N, d)."""
-        check_state(state, q.shape[0], self.shapes, self.heads, q.dtype)
-        common = dict(chunk_size=self.cfg.chunk_size, ln=self.ln, eps=self.cfg.ln_eps, momentum=self.cfg.momentum)
-        if self.reference:
-            return reference_memory(q, k, v, theta, log_eta, log_decay, state, **common)
-        return chunked_memory(q, k, v, theta, log_eta, log_decay, state, checkpoint_every=self.cfg.checkpoint_every, **common)
+        """Write and read per token with the fast path (or the reference); y is (B, H, N, d).
+
+        Under bf16/fp16 (autocast or half parameters) the recurrence runs in float32: the memory state
+        and every accumulator stay fp32, and only the read is cast back to the activations' dtype.
+        """
+        out_dtype = q.dtype
+        dtype = state_dtype(q.dtype)
+        check_state(state, q.shape[0], self.shapes, self.heads, dtype)
+        ln = None if self.ln is None else tuple(p.to(dtype) for p in self.ln)
+        common = dict(chunk_size=self.cfg.chunk_size, ln=ln, eps=self.cfg.ln_eps, momentum=self.cfg.momentum)
+        inputs = tuple(t.to(dtype) for t in (q, k, v, theta, log_eta, log_decay))
+        with torch.autocast(q.device.type, enabled=False):
+            if self.reference:
+                y, state = reference_memory(*inputs, state, **common)
+            else:
+                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, **common)
+        return y.to(out_dtype), state
 
     def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:
         """Read without writing ("M*"), at the weights of the last chunk boundary: (B, H, N, d)."""
@@ -152,8 +171,8 @@ class NeuralMemory(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, tokens, {self.dim})")
         if state is None:
-            state = self.init_state(x.shape[0])
-        check_state(state.memory, x.shape[0], self.shapes, self.heads, x.dtype)
+            state = self.init_state(x.shape[0], torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype)
+        check_state(state.memory, x.shape[0], self.shapes, self.heads, state_dtype(x.dtype))
         if state.conv.shape != (x.shape[0], self.cfg.conv_width - 1, 3 * self.heads * self.head_dim):
             raise ValueError(f"memory_state.conv has shape {tuple(state.conv.shape)}; expected batch {x.shape[0]}")
         q, k, v, theta, log_eta, log_decay, conv = self.project(x, state.conv)

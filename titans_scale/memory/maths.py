@@ -165,47 +165,66 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_decay: Tensor, moment
         log_e = log_eta.cumsum(-1)
         carry = torch.exp((log_e.unsqueeze(-1) - log_e.unsqueeze(-2)).masked_fill(~causal, float("-inf")))  # [s, i]
         eta_prod = torch.exp(log_e)
+        C = (decay @ carry) * theta.unsqueeze(-2)
+        Fm = carry[..., -1, :] * theta
     else:
-        carry = torch.eye(b, dtype=theta.dtype, device=theta.device).expand(*theta.shape, b)
         eta_prod = torch.zeros_like(theta)
+        C = decay * theta.unsqueeze(-2)
+        Fm = torch.zeros_like(theta)
+        Fm[..., -1] = theta[..., -1]
     A = torch.exp(log_a)
     Bm = (decay @ eta_prod.unsqueeze(-1)).squeeze(-1)
-    C = (decay @ carry) * theta.unsqueeze(-2)
     E = eta_prod[..., -1]
-    Fm = carry[..., -1, :] * theta
     return A, Bm, C, E, Fm
 
 
-def _chunk_step(weights, momenta, q, k, v, A, Bm, C, E, Fm, ln, eps):
+# Inside the chunk loop the state of one MLP layer is one tensor Z = [W; S] of shape (BH, 2 * out, in)
+# (just W without momentum): the end-of-chunk update is then one small matmul with the 2 x 2 transition
+# [[A_b, Bm_b], [0, E_b]] plus one rank-b correction, instead of a handful of weight-sized operations.
+
+
+def _chunk_step(states, q, k, v, A, Bm, C, T, D, ln, eps):
     """One chunk: inner gradients at the chunk-start weights, dual-form reads of every ``W_t``, and the
-    state at the chunk's end. All tensors are flattened over (batch, head): q/k/v (BH, b, d)."""
+    state at the chunk's end. Flattened over (batch, head): q/k/v (BH, b, d); ``T`` (BH, s, s) is the
+    state transition and ``D`` (BH, b, s) the per-token weights of the rank-b correction."""
+    with_momentum = T.shape[-1] == 2
+    weights = [z[:, : z.shape[1] // T.shape[-1]] for z in states]
     inputs, deltas = _inner_gradient(k, v, weights, ln, eps)
-    depth = len(weights)
+    depth = len(states)
     r = q
-    new_w, new_s = [], []
+    new_states = []
     for layer in range(depth):
-        w, s, h, delta = weights[layer], momenta[layer], inputs[layer], deltas[layer]
-        z = (
-            A.unsqueeze(-1) * (r @ w.transpose(-1, -2))
-            + Bm.unsqueeze(-1) * (r @ s.transpose(-1, -2))
-            - (C * (r @ h.transpose(-1, -2))) @ delta
-        )
+        z_state, h, delta = states[layer], inputs[layer], deltas[layer]
+        out = delta.shape[-1]
+        read = r @ z_state.transpose(-1, -2)  # (BH, b, s * out): reads through W' (and S')
+        if with_momentum:
+            linear = A.unsqueeze(-1) * read[..., :out] + Bm.unsqueeze(-1) * read[..., out:]
+        else:
+            linear = A.unsqueeze(-1) * read
+        z = torch.baddbmm(linear, C * (r @ h.transpose(-1, -2)), delta, alpha=-1.0)
         r = F.gelu(z) if layer < depth - 1 else z
-        new_w.append(A[:, -1, None, None] * w + Bm[:, -1, None, None] * s - (delta * C[:, -1, :, None]).transpose(-1, -2) @ h)
-        new_s.append(E[:, None, None] * s - (delta * Fm[:, :, None]).transpose(-1, -2) @ h)
+        # Z_end = T Z' - [delta * D]^T h  (T applied elementwise: a bmm with inner size 2 is slow on CPU)
+        if with_momentum:
+            w_prev, s_prev = z_state[:, :out], z_state[:, out:]
+            carried = torch.cat([torch.addcmul(w_prev * T[:, 0, 0, None, None], s_prev, T[:, 0, 1, None, None]), s_prev * T[:, 1, 1, None, None]], 1)
+        else:
+            carried = z_state * T
+        correction = (D.unsqueeze(-1) * delta.unsqueeze(-2)).flatten(-2).transpose(-1, -2)  # (BH, s * out, b)
+        new_states.append(torch.baddbmm(carried, correction, h, alpha=-1.0))
     y = r if ln is None else q + _layer_norm(r, ln, eps)[0]
-    return y, new_w, new_s
+    return y, new_states
 
 
 def _chunk_group(depth, ln, eps, *tensors):
     """Runs consecutive chunks; a separate function so that it can be recomputed in backward."""
-    weights, momenta = list(tensors[:depth]), list(tensors[depth : 2 * depth])
-    q, k, v, A, Bm, C, E, Fm = tensors[2 * depth :]
+    states = list(tensors[:depth])
+    # unbind, not indexing: the backward of N/b index ops would allocate N/b full-size gradients.
+    per_chunk = zip(*(t.unbind(1) for t in tensors[depth:]))
     ys = []
-    for c in range(q.shape[1]):
-        y, weights, momenta = _chunk_step(weights, momenta, q[:, c], k[:, c], v[:, c], A[:, c], Bm[:, c], C[:, c], E[:, c], Fm[:, c], ln, eps)
+    for chunk in per_chunk:
+        y, states = _chunk_step(states, *chunk, ln, eps)
         ys.append(y)
-    return (torch.stack(ys, 1), *weights, *momenta)
+    return (torch.stack(ys, 1), *states)
 
 
 def _with_pending(state: MemoryState, q, k, v, theta, log_eta, log_decay):
@@ -262,38 +281,51 @@ def chunked_memory(
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
     A, Bm, C, E, Fm = chunk_coefficients(chunks(theta), chunks(log_eta), chunks(log_decay), momentum)
+    if momentum:  # transition of [W; S] over a whole chunk, and the weights of its correction
+        T = torch.stack([torch.stack([A[..., -1], Bm[..., -1]], -1), torch.stack([torch.zeros_like(E), E], -1)], -2)
+        D = torch.stack([C[..., -1, :], Fm], -1)
+    else:
+        T = A[..., -1, None, None]
+        D = C[..., -1, :, None]
     ln_flat = None
     if ln is not None:
         ln_flat = tuple(p.unsqueeze(0).expand(B, H, d).reshape(B * H, 1, d) for p in ln)
 
     depth = len(state.weights)
-    weights = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
-    momenta = [s.reshape(B * H, *s.shape[2:]) for s in state.momentum]
-    per_chunk = (qc, kc, vc, A, Bm, C, E, Fm)
+    if momentum:
+        states = [torch.cat([w, s], 2).reshape(B * H, -1, w.shape[-1]) for w, s in zip(state.weights, state.momentum)]
+    else:
+        states = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
+    per_chunk = (qc, kc, vc, A, Bm, C, T, D)
     group = checkpoint_every if checkpoint_every > 0 else n_chunks
     ys = []
-    end_w, end_s = weights, momenta  # state after the last complete chunk
     for start in range(0, n_chunks, group):
         stop = min(start + group, n_chunks)
         # A trailing partial chunk is read but never folded into the state: it stays pending.
         full_stop = min(stop, n_full)
         if full_stop > start:
-            args = [*end_w, *end_s, *(t[:, start:full_stop] for t in per_chunk)]
+            args = [*states, *(t[:, start:full_stop] for t in per_chunk)]
             if checkpoint_every > 0 and torch.is_grad_enabled():
                 out = checkpoint(_chunk_group, depth, ln_flat, eps, *args, use_reentrant=False)
             else:
                 out = _chunk_group(depth, ln_flat, eps, *args)
             ys.append(out[0])
-            end_w, end_s = list(out[1 : 1 + depth]), list(out[1 + depth :])
+            states = list(out[1:])
         if stop > full_stop:  # the partial chunk
-            args = [*end_w, *end_s, *(t[:, n_full:] for t in per_chunk)]
+            args = [*states, *(t[:, n_full:] for t in per_chunk)]
             ys.append(_chunk_group(depth, ln_flat, eps, *args)[0])
+    if momentum:
+        split = [z.reshape(B, H, 2, -1, z.shape[-1]) for z in states]
+        end_w, end_s = tuple(z[:, :, 0] for z in split), tuple(z[:, :, 1] for z in split)
+    else:
+        end_w = tuple(z.reshape(B, H, *z.shape[1:]) for z in states)
+        end_s = tuple(torch.zeros_like(w) for w in end_w)  # eta = 0: nothing carries over
     y = torch.cat(ys, 1).reshape(B, H, n_chunks * b, d)[:, :, n_pending:total]
 
     keep = slice(n_full * b, total)
     new_state = MemoryState(
-        tuple(w.reshape(B, H, *w.shape[1:]) for w in end_w),
-        tuple(s.reshape(B, H, *s.shape[1:]) for s in end_s),
+        end_w,
+        end_s,
         (k[:, :, keep], v[:, :, keep], theta[:, :, keep], log_eta[:, :, keep], log_decay[:, :, keep]),
     )
     return y, new_state
@@ -346,6 +378,8 @@ def reference_memory(
     n_full = total // chunk_size
     if total % chunk_size == 0:
         boundary_w, boundary_s = W, S
+    if not momentum:  # eta = 0: nothing carries over
+        boundary_s = [torch.zeros_like(s) for s in boundary_s]
     keep = slice(n_full * chunk_size, total)
     new_state = MemoryState(
         tuple(boundary_w),
