@@ -93,21 +93,10 @@ def check_state(state: MemoryState, batch: int, shapes: list[tuple[int, int]], h
 # The memory MLP and its analytic inner gradient
 
 
-def _gelu_grad(a: Tensor) -> Tensor:
-    """d/da of the exact (erf) GELU."""
-    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + a * pdf
-
-
-def _layer_norm(a: Tensor, ln: tuple[Tensor, Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(LN(a), a_hat, rstd)``; ``a_hat`` and ``rstd`` are what the backward pass needs."""
+def _layer_norm(a: Tensor, ln: tuple[Tensor, Tensor], eps: float) -> Tensor:
+    """LayerNorm over the head dimension with a per-head scale and shift (outer-loop parameters)."""
     gamma, beta = ln
-    mu = a.mean(-1, keepdim=True)
-    centred = a - mu
-    rstd = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
-    a_hat = centred * rstd
-    return a_hat * gamma + beta, a_hat, rstd
+    return F.layer_norm(a, a.shape[-1:], eps=eps) * gamma + beta
 
 
 def memory_read(z: Tensor, weights: tuple[Tensor, ...] | list[Tensor], ln: tuple[Tensor, Tensor] | None, eps: float) -> Tensor:
@@ -118,12 +107,15 @@ def memory_read(z: Tensor, weights: tuple[Tensor, ...] | list[Tensor], ln: tuple
         h = F.gelu(a) if layer < len(weights) - 1 else a
     if ln is None:
         return h
-    return z + _layer_norm(h, ln, eps)[0]
+    return z + _layer_norm(h, ln, eps)
 
 
 def _inner_gradient(k: Tensor, v: Tensor, weights, ln, eps):
     """Analytic backprop of ``||M_W(k) - v||^2`` at ``W``: the inputs ``h`` and output-gradients ``delta``
-    of every layer, so that ``grad_W^(l) = sum_i delta_i^(l) h_i^(l)T`` (rank 1 per token)."""
+    of every layer, so that ``grad_W^(l) = sum_i delta_i^(l) h_i^(l)T`` (rank 1 per token).
+
+    Written with ATen's fused LayerNorm and GELU backward kernels (both twice differentiable), so that the
+    outer autograd sees few, large operations."""
     depth = len(weights)
     inputs, pre = [k], []
     h = k
@@ -136,12 +128,14 @@ def _inner_gradient(k: Tensor, v: Tensor, weights, ln, eps):
     if ln is None:
         delta = 2.0 * (a - v)
     else:
-        normed, a_hat, rstd = _layer_norm(a, ln, eps)
-        g = 2.0 * (k + normed - v) * ln[0]
-        delta = rstd * (g - g.mean(-1, keepdim=True) - a_hat * (g * a_hat).mean(-1, keepdim=True))
+        gamma, beta = ln
+        shape = a.shape[-1:]
+        a_hat, mean, rstd = torch.native_layer_norm(a, shape, None, None, eps)
+        g = 2.0 * (k + a_hat * gamma + beta - v) * gamma
+        delta = torch.ops.aten.native_layer_norm_backward(g, a, shape, mean, rstd, None, None, [True, False, False])[0]
     deltas = [delta]
     for layer in range(depth - 1, 0, -1):
-        delta = (delta @ weights[layer]) * _gelu_grad(pre[layer - 1])
+        delta = torch.ops.aten.gelu_backward(delta @ weights[layer], pre[layer - 1])
         deltas.append(delta)
     return inputs, deltas[::-1]
 
@@ -183,10 +177,11 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_decay: Tensor, moment
 # [[A_b, Bm_b], [0, E_b]] plus one rank-b correction, instead of a handful of weight-sized operations.
 
 
-def _chunk_step(states, q, k, v, A, Bm, C, T, D, ln, eps):
+def _chunk_step(states, q, k, v, A, Bm, C, P, T, D, ln, eps):
     """One chunk: inner gradients at the chunk-start weights, dual-form reads of every ``W_t``, and the
-    state at the chunk's end. Flattened over (batch, head): q/k/v (BH, b, d); ``T`` (BH, s, s) is the
-    state transition and ``D`` (BH, b, s) the per-token weights of the rank-b correction."""
+    state at the chunk's end. Flattened over (batch, head): q/k/v (BH, b, d); ``P = C * (q k^T)`` is the
+    first layer's read mixing, which needs no weights and is computed for all chunks at once; ``T``
+    (BH, s, s) is the state transition and ``D`` (BH, b, s) the per-token weights of the rank-b correction."""
     with_momentum = T.shape[-1] == 2
     weights = [z[:, : z.shape[1] // T.shape[-1]] for z in states]
     inputs, deltas = _inner_gradient(k, v, weights, ln, eps)
@@ -201,7 +196,8 @@ def _chunk_step(states, q, k, v, A, Bm, C, T, D, ln, eps):
             linear = A.unsqueeze(-1) * read[..., :out] + Bm.unsqueeze(-1) * read[..., out:]
         else:
             linear = A.unsqueeze(-1) * read
-        z = torch.baddbmm(linear, C * (r @ h.transpose(-1, -2)), delta, alpha=-1.0)
+        mixing = P if layer == 0 else C * (r @ h.transpose(-1, -2))
+        z = torch.baddbmm(linear, mixing, delta, alpha=-1.0)
         r = F.gelu(z) if layer < depth - 1 else z
         # Z_end = T Z' - [delta * D]^T h  (T applied elementwise: a bmm with inner size 2 is slow on CPU)
         if with_momentum:
@@ -211,7 +207,7 @@ def _chunk_step(states, q, k, v, A, Bm, C, T, D, ln, eps):
             carried = z_state * T
         correction = (D.unsqueeze(-1) * delta.unsqueeze(-2)).flatten(-2).transpose(-1, -2)  # (BH, s * out, b)
         new_states.append(torch.baddbmm(carried, correction, h, alpha=-1.0))
-    y = r if ln is None else q + _layer_norm(r, ln, eps)[0]
+    y = r if ln is None else q + _layer_norm(r, ln, eps)
     return y, new_states
 
 
@@ -296,7 +292,8 @@ def chunked_memory(
         states = [torch.cat([w, s], 2).reshape(B * H, -1, w.shape[-1]) for w, s in zip(state.weights, state.momentum)]
     else:
         states = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
-    per_chunk = (qc, kc, vc, A, Bm, C, T, D)
+    P = C * (qc @ kc.transpose(-1, -2))
+    per_chunk = (qc, kc, vc, A, Bm, C, P, T, D)
     group = checkpoint_every if checkpoint_every > 0 else n_chunks
     ys = []
     for start in range(0, n_chunks, group):
