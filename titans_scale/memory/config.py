@@ -21,3 +21,4 @@ class MemoryConfig:
     theta_bias_init: float = 0.0
     ln_eps: float = 1e-5
     checkpoint_every: int = 0  # keep the memory state every k chunks, recompute between (0 = off)
+    compile: bool = False  # run the chunk step through torch.compile (first call compiles: tens of seconds)

@@ -154,7 +154,7 @@ class NeuralMemory(nn.Module):
             if self.reference:
                 y, state = reference_memory(*inputs, state, **common)
             else:
-                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, **common)
+                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, compile=self.cfg.compile, **common)
         return y.to(out_dtype), state
 
     def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:

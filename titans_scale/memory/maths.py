@@ -211,14 +211,26 @@ def _chunk_step(states, q, k, v, A, Bm, C, P, T, D, ln, eps):
     return y, new_states
 
 
-def _chunk_group(depth, ln, eps, *tensors):
+_compiled_chunk_step = None
+
+
+def compiled_chunk_step():
+    """``_chunk_step`` through torch.compile (Inductor fuses its elementwise work); built on first use."""
+    global _compiled_chunk_step
+    if _compiled_chunk_step is None:
+        _compiled_chunk_step = torch.compile(_chunk_step, dynamic=False)
+    return _compiled_chunk_step
+
+
+def _chunk_group(depth, ln, eps, compile_step, *tensors):
     """Runs consecutive chunks; a separate function so that it can be recomputed in backward."""
     states = list(tensors[:depth])
+    step = compiled_chunk_step() if compile_step else _chunk_step
     # unbind, not indexing: the backward of N/b index ops would allocate N/b full-size gradients.
     per_chunk = zip(*(t.unbind(1) for t in tensors[depth:]))
     ys = []
     for chunk in per_chunk:
-        y, states = _chunk_step(states, *chunk, ln, eps)
+        y, states = step(states, *chunk, ln, eps)
         ys.append(y)
     return (torch.stack(ys, 1), *states)
 
@@ -253,13 +265,14 @@ def chunked_memory(
     eps: float = 1e-5,
     momentum: bool = True,
     checkpoint_every: int = 0,
+    compile: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Writes ``k -> v`` into the memory and reads ``y_t = M_{W_t}(q_t)`` for every token (fast path).
 
     q, k, v: (B, H, N, d); theta, log_eta (log of eta), log_decay (log of 1 - alpha): (B, H, N).
     ``ln`` is the (H, d) scale and shift of the memory's LayerNorm (depth >= 2). ``checkpoint_every = k``
-    keeps the state only every k chunks and recomputes the rest in backward (activation memory ~ N / k).
-    Returns y (B, H, N, d) and the state after the last token.
+    keeps the state only every k chunks and recomputes the rest in backward (activation memory ~ N / k);
+    ``compile`` runs the chunk step through torch.compile. Returns y (B, H, N, d) and the state after the last token.
     """
     B, H, N, d = q.shape
     n_pending = state.num_pending
@@ -303,14 +316,14 @@ def chunked_memory(
         if full_stop > start:
             args = [*states, *(t[:, start:full_stop] for t in per_chunk)]
             if checkpoint_every > 0 and torch.is_grad_enabled():
-                out = checkpoint(_chunk_group, depth, ln_flat, eps, *args, use_reentrant=False)
+                out = checkpoint(_chunk_group, depth, ln_flat, eps, compile, *args, use_reentrant=False)
             else:
-                out = _chunk_group(depth, ln_flat, eps, *args)
+                out = _chunk_group(depth, ln_flat, eps, compile, *args)
             ys.append(out[0])
             states = list(out[1:])
         if stop > full_stop:  # the partial chunk
             args = [*states, *(t[:, n_full:] for t in per_chunk)]
-            ys.append(_chunk_group(depth, ln_flat, eps, *args)[0])
+            ys.append(_chunk_group(depth, ln_flat, eps, False, *args)[0])  # odd shape: not worth a compile
     if momentum:
         split = [z.reshape(B, H, 2, -1, z.shape[-1]) for z in states]
         end_w, end_s = tuple(z[:, :, 0] for z in split), tuple(z[:, :, 1] for z in split)
