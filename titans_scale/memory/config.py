@@ -22,3 +22,4 @@ class MemoryConfig:
     ln_eps: float = 1e-5
     checkpoint_every: int = 0  # keep the memory state every k chunks, recompute between (0 = off)
     compile: bool = False  # run the chunk step through torch.compile (first call compiles: tens of seconds)
+    fused_kernel: bool = False  # Triton kernel for each layer's dual-form read + state update (GPU)

@@ -62,6 +62,12 @@ def validate_memory(dim: int, heads: int, cfg: MemoryConfig) -> None:
         raise ValueError(f"memory theta_max={cfg.theta_max} must be > 0")
     if cfg.checkpoint_every < 0:
         raise ValueError(f"memory checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 = off)")
+    if cfg.fused_kernel:
+        from .triton_kernels import fused_supported
+
+        reason = fused_supported(cfg.chunk_size, dim // heads, cfg.expansion, cfg.depth)
+        if reason:
+            raise ValueError(f"memory {reason}; or set memory.fused_kernel=false")
 
 
 class NeuralMemory(nn.Module):
@@ -154,7 +160,7 @@ class NeuralMemory(nn.Module):
             if self.reference:
                 y, state = reference_memory(*inputs, state, **common)
             else:
-                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, compile=self.cfg.compile, **common)
+                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, compile=self.cfg.compile, fused=self.cfg.fused_kernel, **common)
         return y.to(out_dtype), state
 
     def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:

@@ -177,36 +177,47 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_decay: Tensor, moment
 # [[A_b, Bm_b], [0, E_b]] plus one rank-b correction, instead of a handful of weight-sized operations.
 
 
-def _chunk_step(states, q, k, v, A, Bm, C, P, T, D, ln, eps):
+def layer_update(r, z_state, h, delta, A, Bm, mixing, T, D):
+    """One memory layer over one chunk, in dual form: the reads ``z_t = W_t r_t`` of every token and the
+    layer's state ``Z = [W; S]`` at the chunk's end, from the chunk-start state ``Z'``:
+
+        z_t   = A_t W' r_t + Bm_t S' r_t - sum_i mixing_ti delta_i      (mixing_ti = C_ti h_i . r_t)
+        Z_end = T Z' - [delta * D]^T h
+
+    The weight-sized work of a chunk is all here (the fused kernel in ``triton_kernels`` does the same)."""
+    out = delta.shape[-1]
+    read = r @ z_state.transpose(-1, -2)  # (BH, b, s * out): reads through W' (and S')
+    if T.shape[-1] == 2:
+        linear = A.unsqueeze(-1) * read[..., :out] + Bm.unsqueeze(-1) * read[..., out:]
+        w_prev, s_prev = z_state[:, :out], z_state[:, out:]
+        # T applied elementwise: a bmm with inner size 2 is slow on CPU
+        carried = torch.cat([torch.addcmul(w_prev * T[:, 0, 0, None, None], s_prev, T[:, 0, 1, None, None]), s_prev * T[:, 1, 1, None, None]], 1)
+    else:
+        linear = A.unsqueeze(-1) * read
+        carried = z_state * T
+    z = torch.baddbmm(linear, mixing, delta, alpha=-1.0)
+    correction = (D.unsqueeze(-1) * delta.unsqueeze(-2)).flatten(-2).transpose(-1, -2)  # (BH, s * out, b)
+    return z, torch.baddbmm(carried, correction, h, alpha=-1.0)
+
+
+def _chunk_step(states, q, k, v, A, Bm, C, P, T, D, ln, eps, fused=False):
     """One chunk: inner gradients at the chunk-start weights, dual-form reads of every ``W_t``, and the
     state at the chunk's end. Flattened over (batch, head): q/k/v (BH, b, d); ``P = C * (q k^T)`` is the
     first layer's read mixing, which needs no weights and is computed for all chunks at once; ``T``
     (BH, s, s) is the state transition and ``D`` (BH, b, s) the per-token weights of the rank-b correction."""
-    with_momentum = T.shape[-1] == 2
     weights = [z[:, : z.shape[1] // T.shape[-1]] for z in states]
     inputs, deltas = _inner_gradient(k, v, weights, ln, eps)
     depth = len(states)
+    update = layer_update
+    if fused:
+        from .triton_kernels import fused_layer_update as update
     r = q
     new_states = []
     for layer in range(depth):
-        z_state, h, delta = states[layer], inputs[layer], deltas[layer]
-        out = delta.shape[-1]
-        read = r @ z_state.transpose(-1, -2)  # (BH, b, s * out): reads through W' (and S')
-        if with_momentum:
-            linear = A.unsqueeze(-1) * read[..., :out] + Bm.unsqueeze(-1) * read[..., out:]
-        else:
-            linear = A.unsqueeze(-1) * read
-        mixing = P if layer == 0 else C * (r @ h.transpose(-1, -2))
-        z = torch.baddbmm(linear, mixing, delta, alpha=-1.0)
+        mixing = P if layer == 0 else C * (r @ inputs[layer].transpose(-1, -2))
+        z, new_state = update(r, states[layer], inputs[layer], deltas[layer], A, Bm, mixing, T, D)
+        new_states.append(new_state)
         r = F.gelu(z) if layer < depth - 1 else z
-        # Z_end = T Z' - [delta * D]^T h  (T applied elementwise: a bmm with inner size 2 is slow on CPU)
-        if with_momentum:
-            w_prev, s_prev = z_state[:, :out], z_state[:, out:]
-            carried = torch.cat([torch.addcmul(w_prev * T[:, 0, 0, None, None], s_prev, T[:, 0, 1, None, None]), s_prev * T[:, 1, 1, None, None]], 1)
-        else:
-            carried = z_state * T
-        correction = (D.unsqueeze(-1) * delta.unsqueeze(-2)).flatten(-2).transpose(-1, -2)  # (BH, s * out, b)
-        new_states.append(torch.baddbmm(carried, correction, h, alpha=-1.0))
     y = r if ln is None else q + _layer_norm(r, ln, eps)
     return y, new_states
 
@@ -222,7 +233,7 @@ def compiled_chunk_step():
     return _compiled_chunk_step
 
 
-def _chunk_group(depth, ln, eps, compile_step, *tensors):
+def _chunk_group(depth, ln, eps, compile_step, fused, *tensors):
     """Runs consecutive chunks; a separate function so that it can be recomputed in backward."""
     states = list(tensors[:depth])
     step = compiled_chunk_step() if compile_step else _chunk_step
@@ -230,7 +241,7 @@ def _chunk_group(depth, ln, eps, compile_step, *tensors):
     per_chunk = zip(*(t.unbind(1) for t in tensors[depth:]))
     ys = []
     for chunk in per_chunk:
-        y, states = step(states, *chunk, ln, eps)
+        y, states = step(states, *chunk, ln, eps, fused)
         ys.append(y)
     return (torch.stack(ys, 1), *states)
 
@@ -266,13 +277,15 @@ def chunked_memory(
     momentum: bool = True,
     checkpoint_every: int = 0,
     compile: bool = False,
+    fused: bool = False,
 ) -> tuple[Tensor, MemoryState]:
     """Writes ``k -> v`` into the memory and reads ``y_t = M_{W_t}(q_t)`` for every token (fast path).
 
     q, k, v: (B, H, N, d); theta, log_eta (log of eta), log_decay (log of 1 - alpha): (B, H, N).
     ``ln`` is the (H, d) scale and shift of the memory's LayerNorm (depth >= 2). ``checkpoint_every = k``
     keeps the state only every k chunks and recomputes the rest in backward (activation memory ~ N / k);
-    ``compile`` runs the chunk step through torch.compile. Returns y (B, H, N, d) and the state after the last token.
+    ``compile`` runs the chunk step through torch.compile; ``fused`` runs each layer's read and state
+    update in one Triton kernel (GPU, or TRITON_INTERPRET=1 for testing on CPU). Returns y (B, H, N, d) and the state after the last token.
     """
     B, H, N, d = q.shape
     n_pending = state.num_pending
@@ -316,14 +329,14 @@ def chunked_memory(
         if full_stop > start:
             args = [*states, *(t[:, start:full_stop] for t in per_chunk)]
             if checkpoint_every > 0 and torch.is_grad_enabled():
-                out = checkpoint(_chunk_group, depth, ln_flat, eps, compile, *args, use_reentrant=False)
+                out = checkpoint(_chunk_group, depth, ln_flat, eps, compile, fused, *args, use_reentrant=False)
             else:
-                out = _chunk_group(depth, ln_flat, eps, compile, *args)
+                out = _chunk_group(depth, ln_flat, eps, compile, fused, *args)
             ys.append(out[0])
             states = list(out[1:])
         if stop > full_stop:  # the partial chunk
             args = [*states, *(t[:, n_full:] for t in per_chunk)]
-            ys.append(_chunk_group(depth, ln_flat, eps, False, *args)[0])  # odd shape: not worth a compile
+            ys.append(_chunk_group(depth, ln_flat, eps, False, fused, *args)[0])  # odd shape: not worth a compile
     if momentum:
         split = [z.reshape(B, H, 2, -1, z.shape[-1]) for z in states]
         end_w, end_s = tuple(z[:, :, 0] for z in split), tuple(z[:, :, 1] for z in split)

@@ -1,0 +1,127 @@
+"""A fused Triton kernel for the weight-sized work of one memory layer in one chunk (GPU path).
+
+``maths.layer_update`` in one pass over the layer's state ``Z' = [W'; S']``: each program owns a block
+of output rows, streams the input dimension once, and produces both the dual-form reads
+``z = A * (r W'^T) + Bm * (r S'^T) - mixing @ delta`` and the end-of-chunk state
+``Z_end = T Z' - [delta * D]^T h``. The state never round-trips through memory between those steps.
+
+The backward pass recomputes ``layer_update`` in eager PyTorch (like activation checkpointing), so the
+kernel needs no backward of its own and stays exact to the eager path. Runs on CUDA; with
+``TRITON_INTERPRET=1`` set before import it runs on CPU, which is how the tests check it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .maths import layer_update
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the CPU stack installs triton; a GPU stack brings its own
+    triton = None
+
+MIN_DOT = 16  # tl.dot needs every block dimension >= 16
+
+
+def fused_supported(chunk_size: int, head_dim: int, expansion: int, depth: int) -> str | None:
+    """Why the fused kernel cannot run this configuration, or None when it can."""
+    if triton is None:
+        return "fused_kernel needs the triton package (pip install triton)"
+    if chunk_size < MIN_DOT or chunk_size & (chunk_size - 1):
+        return f"fused_kernel needs chunk_size a power of two >= {MIN_DOT}, got {chunk_size}"
+    dims = {head_dim} | ({expansion * head_dim} if depth >= 2 else set())
+    if any(dim % MIN_DOT for dim in dims):
+        return f"fused_kernel needs memory widths that are multiples of {MIN_DOT}, got {sorted(dims)}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _layer_update_kernel(
+        r_ptr, z_ptr, h_ptr, delta_ptr, a_ptr, bm_ptr, mix_ptr, t_ptr, d_ptr, out_ptr, znew_ptr,
+        OUT, IN,
+        B: tl.constexpr, S: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        offs_t = tl.arange(0, B)
+        offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_mask = offs_o < OUT
+        delta = tl.load(delta_ptr + bh * B * OUT + offs_t[:, None] * OUT + offs_o[None, :], mask=o_mask[None, :], other=0.0)
+        coef_a = tl.load(a_ptr + bh * B + offs_t)
+        coef_bm = tl.load(bm_ptr + bh * B + offs_t)
+        mixing = tl.load(mix_ptr + bh * B * B + offs_t[:, None] * B + offs_t[None, :])
+        t00 = tl.load(t_ptr + bh * S * S)
+        corr_w = delta * tl.load(d_ptr + bh * B * S + offs_t * S)[:, None]  # (B, BLOCK_O)
+        read_w = tl.zeros((B, BLOCK_O), dtype=tl.float32)
+        read_s = tl.zeros((B, BLOCK_O), dtype=tl.float32)
+        if S == 2:
+            t01 = tl.load(t_ptr + bh * S * S + 1)
+            t11 = tl.load(t_ptr + bh * S * S + 3)
+            corr_s = delta * tl.load(d_ptr + bh * B * S + offs_t * S + 1)[:, None]
+        z_base = z_ptr + bh * S * OUT * IN
+        znew_base = znew_ptr + bh * S * OUT * IN
+        for i0 in range(0, IN, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            i_mask = offs_i < IN
+            rows = offs_t[:, None] * IN + offs_i[None, :]
+            r_blk = tl.load(r_ptr + bh * B * IN + rows, mask=i_mask[None, :], other=0.0)  # (B, BLOCK_I)
+            h_blk = tl.load(h_ptr + bh * B * IN + rows, mask=i_mask[None, :], other=0.0)
+            w_offs = offs_o[:, None] * IN + offs_i[None, :]
+            w_mask = o_mask[:, None] & i_mask[None, :]
+            w_blk = tl.load(z_base + w_offs, mask=w_mask, other=0.0)  # (BLOCK_O, BLOCK_I)
+            read_w += tl.dot(r_blk, tl.trans(w_blk), input_precision=PRECISION)
+            w_new = t00 * w_blk - tl.dot(tl.trans(corr_w), h_blk, input_precision=PRECISION)
+            if S == 2:
+                s_blk = tl.load(z_base + OUT * IN + w_offs, mask=w_mask, other=0.0)
+                read_s += tl.dot(r_blk, tl.trans(s_blk), input_precision=PRECISION)
+                w_new += t01 * s_blk
+                s_new = t11 * s_blk - tl.dot(tl.trans(corr_s), h_blk, input_precision=PRECISION)
+                tl.store(znew_base + OUT * IN + w_offs, s_new, mask=w_mask)
+            tl.store(znew_base + w_offs, w_new, mask=w_mask)
+        z = coef_a[:, None] * read_w + coef_bm[:, None] * read_s - tl.dot(mixing, delta, input_precision=PRECISION)
+        tl.store(out_ptr + bh * B * OUT + offs_t[:, None] * OUT + offs_o[None, :], z, mask=o_mask[None, :])
+
+
+def _launch(r, z_state, h, delta, A, Bm, mixing, T, D) -> tuple[Tensor, Tensor]:
+    if z_state.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("fused_kernel runs on CUDA devices (or on CPU under TRITON_INTERPRET=1); set memory.fused_kernel=false")
+    BH, b, IN = r.shape
+    OUT = delta.shape[-1]
+    S = T.shape[-1]
+    args = [t.contiguous() for t in (r, z_state, h, delta, A, Bm, mixing, T, D)]
+    z = torch.empty(BH, b, OUT, device=r.device, dtype=r.dtype)
+    z_new = torch.empty_like(args[1])
+    block_o = min(64, OUT)
+    block_i = min(64, IN)
+    grid = (BH, triton.cdiv(OUT, block_o))
+    _layer_update_kernel[grid](*args, z, z_new, OUT, IN, B=b, S=S, BLOCK_O=block_o, BLOCK_I=block_i, PRECISION="ieee")
+    return z, z_new
+
+
+class _FusedLayerUpdate(torch.autograd.Function):
+    """Forward through the kernel; backward recomputes the eager ``layer_update`` and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        ctx.save_for_backward(*inputs)
+        return _launch(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_state):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        wanted = [t for t in inputs if t.requires_grad]
+        with torch.enable_grad():
+            outputs = layer_update(*inputs)
+        grads = iter(torch.autograd.grad(outputs, wanted, (grad_z, grad_state), allow_unused=True))
+        return tuple(next(grads) if t.requires_grad else None for t in inputs)
+
+
+def fused_layer_update(r, z_state, h, delta, A, Bm, mixing, T, D) -> tuple[Tensor, Tensor]:
+    """Drop-in for ``maths.layer_update`` backed by the Triton kernel."""
+    return _FusedLayerUpdate.apply(r, z_state, h, delta, A, Bm, mixing, T, D)
