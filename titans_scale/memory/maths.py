@@ -172,54 +172,50 @@ def chunk_coefficients(theta: Tensor, log_eta: Tensor, log_decay: Tensor, moment
     return A, Bm, C, E, Fm
 
 
-# Inside the chunk loop the state of one MLP layer is one tensor Z = [W; S] of shape (BH, 2 * out, in)
-# (just W without momentum): the end-of-chunk update is then one small matmul with the 2 x 2 transition
-# [[A_b, Bm_b], [0, E_b]] plus one rank-b correction, instead of a handful of weight-sized operations.
-
-
-def layer_update(r, z_state, h, delta, A, Bm, mixing, T, D):
+def layer_update(r, w, s, h, delta, A, Bm, mixing, ends, D):
     """One memory layer over one chunk, in dual form: the reads ``z_t = W_t r_t`` of every token and the
-    layer's state ``Z = [W; S]`` at the chunk's end, from the chunk-start state ``Z'``:
+    layer's ``W``, ``S`` at the chunk's end, from the chunk-start ``W'``, ``S'`` (``s`` None: no momentum):
 
         z_t   = A_t W' r_t + Bm_t S' r_t - sum_i mixing_ti delta_i      (mixing_ti = C_ti h_i . r_t)
-        Z_end = T Z' - [delta * D]^T h
+        W_end = A_b W' + Bm_b S' - sum_i C_bi delta_i h_i^T
+        S_end = E S' - sum_i F_i delta_i h_i^T
 
-    The weight-sized work of a chunk is all here (the fused kernel in ``triton_kernels`` does the same)."""
-    out = delta.shape[-1]
-    read = r @ z_state.transpose(-1, -2)  # (BH, b, s * out): reads through W' (and S')
-    if T.shape[-1] == 2:
-        linear = A.unsqueeze(-1) * read[..., :out] + Bm.unsqueeze(-1) * read[..., out:]
-        w_prev, s_prev = z_state[:, :out], z_state[:, out:]
-        # T applied elementwise: a bmm with inner size 2 is slow on CPU
-        carried = torch.cat([torch.addcmul(w_prev * T[:, 0, 0, None, None], s_prev, T[:, 0, 1, None, None]), s_prev * T[:, 1, 1, None, None]], 1)
-    else:
-        linear = A.unsqueeze(-1) * read
-        carried = z_state * T
+    ``ends`` (BH, 3) holds ``A_b, Bm_b, E`` and ``D`` (BH, b, 1 or 2) holds ``C_b,i`` and ``F_i``. The
+    weight-sized work of a chunk is all here (the fused kernel in ``triton_kernels`` does the same)."""
+    linear = A.unsqueeze(-1) * (r @ w.transpose(-1, -2))
+    w_end = w * ends[:, 0, None, None]
+    if s is not None:
+        linear = torch.addcmul(linear, Bm.unsqueeze(-1), r @ s.transpose(-1, -2))
+        w_end = torch.addcmul(w_end, s, ends[:, 1, None, None])
     z = torch.baddbmm(linear, mixing, delta, alpha=-1.0)
-    correction = (D.unsqueeze(-1) * delta.unsqueeze(-2)).flatten(-2).transpose(-1, -2)  # (BH, s * out, b)
-    return z, torch.baddbmm(carried, correction, h, alpha=-1.0)
+    w_end = torch.baddbmm(w_end, (delta * D[..., 0:1]).transpose(-1, -2), h, alpha=-1.0)
+    if s is None:
+        return z, w_end, None
+    s_end = torch.baddbmm(s * ends[:, 2, None, None], (delta * D[..., 1:2]).transpose(-1, -2), h, alpha=-1.0)
+    return z, w_end, s_end
 
 
-def _chunk_step(states, q, k, v, A, Bm, C, P, T, D, ln, eps, fused=False):
+def _chunk_step(weights, momenta, q, k, v, A, Bm, C, P, ends, D, ln, eps, fused=False):
     """One chunk: inner gradients at the chunk-start weights, dual-form reads of every ``W_t``, and the
     state at the chunk's end. Flattened over (batch, head): q/k/v (BH, b, d); ``P = C * (q k^T)`` is the
-    first layer's read mixing, which needs no weights and is computed for all chunks at once; ``T``
-    (BH, s, s) is the state transition and ``D`` (BH, b, s) the per-token weights of the rank-b correction."""
-    weights = [z[:, : z.shape[1] // T.shape[-1]] for z in states]
+    first layer's read mixing, which needs no weights and is computed for all chunks at once.
+    ``momenta`` is empty without momentum."""
     inputs, deltas = _inner_gradient(k, v, weights, ln, eps)
-    depth = len(states)
     update = layer_update
     if fused:
         from .triton_kernels import fused_layer_update as update
     r = q
-    new_states = []
-    for layer in range(depth):
+    new_w, new_s = [], []
+    for layer in range(len(weights)):
         mixing = P if layer == 0 else C * (r @ inputs[layer].transpose(-1, -2))
-        z, new_state = update(r, states[layer], inputs[layer], deltas[layer], A, Bm, mixing, T, D)
-        new_states.append(new_state)
-        r = F.gelu(z) if layer < depth - 1 else z
+        s = momenta[layer] if momenta else None
+        z, w_end, s_end = update(r, weights[layer], s, inputs[layer], deltas[layer], A, Bm, mixing, ends, D)
+        new_w.append(w_end)
+        if s_end is not None:
+            new_s.append(s_end)
+        r = F.gelu(z) if layer < len(weights) - 1 else z
     y = r if ln is None else q + _layer_norm(r, ln, eps)
-    return y, new_states
+    return y, new_w, new_s
 
 
 _compiled_chunk_step = None
@@ -233,17 +229,18 @@ def compiled_chunk_step():
     return _compiled_chunk_step
 
 
-def _chunk_group(depth, ln, eps, compile_step, fused, *tensors):
-    """Runs consecutive chunks; a separate function so that it can be recomputed in backward."""
-    states = list(tensors[:depth])
+def _chunk_group(depth, n_state, ln, eps, compile_step, fused, *tensors):
+    """Runs consecutive chunks; a separate function so that it can be recomputed in backward.
+    ``tensors``: the ``n_state`` state tensors (W per layer, then S per layer), then the per-chunk inputs."""
+    weights, momenta = list(tensors[:depth]), list(tensors[depth:n_state])
     step = compiled_chunk_step() if compile_step else _chunk_step
     # unbind, not indexing: the backward of N/b index ops would allocate N/b full-size gradients.
-    per_chunk = zip(*(t.unbind(1) for t in tensors[depth:]))
+    per_chunk = zip(*(t.unbind(1) for t in tensors[n_state:]))
     ys = []
     for chunk in per_chunk:
-        y, states = step(states, *chunk, ln, eps, fused)
+        y, weights, momenta = step(weights, momenta, *chunk, ln, eps, fused)
         ys.append(y)
-    return (torch.stack(ys, 1), *states)
+    return (torch.stack(ys, 1), *weights, *momenta)
 
 
 def _with_pending(state: MemoryState, q, k, v, theta, log_eta, log_decay):
@@ -303,23 +300,19 @@ def chunked_memory(
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
     A, Bm, C, E, Fm = chunk_coefficients(chunks(theta), chunks(log_eta), chunks(log_decay), momentum)
-    if momentum:  # transition of [W; S] over a whole chunk, and the weights of its correction
-        T = torch.stack([torch.stack([A[..., -1], Bm[..., -1]], -1), torch.stack([torch.zeros_like(E), E], -1)], -2)
-        D = torch.stack([C[..., -1, :], Fm], -1)
-    else:
-        T = A[..., -1, None, None]
-        D = C[..., -1, :, None]
+    ends = torch.stack([A[..., -1], Bm[..., -1], E], -1)  # what the state keeps over a whole chunk
+    D = torch.stack([C[..., -1, :], Fm], -1) if momentum else C[..., -1, :, None]
     ln_flat = None
     if ln is not None:
         ln_flat = tuple(p.unsqueeze(0).expand(B, H, d).reshape(B * H, 1, d) for p in ln)
 
     depth = len(state.weights)
+    states = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
     if momentum:
-        states = [torch.cat([w, s], 2).reshape(B * H, -1, w.shape[-1]) for w, s in zip(state.weights, state.momentum)]
-    else:
-        states = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
+        states += [s.reshape(B * H, *s.shape[2:]) for s in state.momentum]
+    n_state = len(states)
     P = C * (qc @ kc.transpose(-1, -2))
-    per_chunk = (qc, kc, vc, A, Bm, C, P, T, D)
+    per_chunk = (qc, kc, vc, A, Bm, C, P, ends, D)
     group = checkpoint_every if checkpoint_every > 0 else n_chunks
     ys = []
     for start in range(0, n_chunks, group):
@@ -329,19 +322,18 @@ def chunked_memory(
         if full_stop > start:
             args = [*states, *(t[:, start:full_stop] for t in per_chunk)]
             if checkpoint_every > 0 and torch.is_grad_enabled():
-                out = checkpoint(_chunk_group, depth, ln_flat, eps, compile, fused, *args, use_reentrant=False)
+                out = checkpoint(_chunk_group, depth, n_state, ln_flat, eps, compile, fused, *args, use_reentrant=False)
             else:
-                out = _chunk_group(depth, ln_flat, eps, compile, fused, *args)
+                out = _chunk_group(depth, n_state, ln_flat, eps, compile, fused, *args)
             ys.append(out[0])
             states = list(out[1:])
         if stop > full_stop:  # the partial chunk
             args = [*states, *(t[:, n_full:] for t in per_chunk)]
-            ys.append(_chunk_group(depth, ln_flat, eps, False, fused, *args)[0])  # odd shape: not worth a compile
+            ys.append(_chunk_group(depth, n_state, ln_flat, eps, False, fused, *args)[0])  # odd shape: not worth a compile
+    end_w = tuple(w.reshape(B, H, *w.shape[1:]) for w in states[:depth])
     if momentum:
-        split = [z.reshape(B, H, 2, -1, z.shape[-1]) for z in states]
-        end_w, end_s = tuple(z[:, :, 0] for z in split), tuple(z[:, :, 1] for z in split)
+        end_s = tuple(s.reshape(B, H, *s.shape[1:]) for s in states[depth:])
     else:
-        end_w = tuple(z.reshape(B, H, *z.shape[1:]) for z in states)
         end_s = tuple(torch.zeros_like(w) for w in end_w)  # eta = 0: nothing carries over
     y = torch.cat(ys, 1).reshape(B, H, n_chunks * b, d)[:, :, n_pending:total]
 

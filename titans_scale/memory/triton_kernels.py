@@ -1,9 +1,9 @@
 """A fused Triton kernel for the weight-sized work of one memory layer in one chunk (GPU path).
 
-``maths.layer_update`` in one pass over the layer's state ``Z' = [W'; S']``: each program owns a block
-of output rows, streams the input dimension once, and produces both the dual-form reads
-``z = A * (r W'^T) + Bm * (r S'^T) - mixing @ delta`` and the end-of-chunk state
-``Z_end = T Z' - [delta * D]^T h``. The state never round-trips through memory between those steps.
+``maths.layer_update`` in one pass over the layer's state ``W'``, ``S'``: each program owns a block of
+output rows, streams the input dimension once, and produces both the dual-form reads
+``z = A * (r W'^T) + Bm * (r S'^T) - mixing @ delta`` and the end-of-chunk ``W``, ``S``. The state never
+round-trips through memory between those steps.
 
 The backward pass recomputes ``layer_update`` in eager PyTorch (like activation checkpointing), so the
 kernel needs no backward of its own and stays exact to the eager path. Runs on CUDA; with
@@ -44,84 +44,100 @@ if triton is not None:
 
     @triton.jit
     def _layer_update_kernel(
-        r_ptr, z_ptr, h_ptr, delta_ptr, a_ptr, bm_ptr, mix_ptr, t_ptr, d_ptr, out_ptr, znew_ptr,
+        r_ptr, w_ptr, s_ptr, h_ptr, delta_ptr, a_ptr, bm_ptr, mix_ptr, ends_ptr, d_ptr,
+        out_ptr, wnew_ptr, snew_ptr,
         OUT, IN,
-        B: tl.constexpr, S: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, PRECISION: tl.constexpr,
+        B: tl.constexpr, MOMENTUM: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         bh = tl.program_id(0)
+        NS: tl.constexpr = 2 if MOMENTUM else 1
         offs_t = tl.arange(0, B)
         offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_mask = offs_o < OUT
         delta = tl.load(delta_ptr + bh * B * OUT + offs_t[:, None] * OUT + offs_o[None, :], mask=o_mask[None, :], other=0.0)
         coef_a = tl.load(a_ptr + bh * B + offs_t)
-        coef_bm = tl.load(bm_ptr + bh * B + offs_t)
         mixing = tl.load(mix_ptr + bh * B * B + offs_t[:, None] * B + offs_t[None, :])
-        t00 = tl.load(t_ptr + bh * S * S)
-        corr_w = delta * tl.load(d_ptr + bh * B * S + offs_t * S)[:, None]  # (B, BLOCK_O)
+        a_end = tl.load(ends_ptr + bh * 3)
+        corr_w = delta * tl.load(d_ptr + bh * B * NS + offs_t * NS)[:, None]  # (B, BLOCK_O)
         read_w = tl.zeros((B, BLOCK_O), dtype=tl.float32)
         read_s = tl.zeros((B, BLOCK_O), dtype=tl.float32)
-        if S == 2:
-            t01 = tl.load(t_ptr + bh * S * S + 1)
-            t11 = tl.load(t_ptr + bh * S * S + 3)
-            corr_s = delta * tl.load(d_ptr + bh * B * S + offs_t * S + 1)[:, None]
-        z_base = z_ptr + bh * S * OUT * IN
-        znew_base = znew_ptr + bh * S * OUT * IN
+        if MOMENTUM:
+            coef_bm = tl.load(bm_ptr + bh * B + offs_t)
+            bm_end = tl.load(ends_ptr + bh * 3 + 1)
+            e_end = tl.load(ends_ptr + bh * 3 + 2)
+            corr_s = delta * tl.load(d_ptr + bh * B * NS + offs_t * NS + 1)[:, None]
+        base = bh * OUT * IN
         for i0 in range(0, IN, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             i_mask = offs_i < IN
-            rows = offs_t[:, None] * IN + offs_i[None, :]
-            r_blk = tl.load(r_ptr + bh * B * IN + rows, mask=i_mask[None, :], other=0.0)  # (B, BLOCK_I)
-            h_blk = tl.load(h_ptr + bh * B * IN + rows, mask=i_mask[None, :], other=0.0)
-            w_offs = offs_o[:, None] * IN + offs_i[None, :]
+            rows = bh * B * IN + offs_t[:, None] * IN + offs_i[None, :]
+            r_blk = tl.load(r_ptr + rows, mask=i_mask[None, :], other=0.0)  # (B, BLOCK_I)
+            h_blk = tl.load(h_ptr + rows, mask=i_mask[None, :], other=0.0)
+            w_offs = base + offs_o[:, None] * IN + offs_i[None, :]
             w_mask = o_mask[:, None] & i_mask[None, :]
-            w_blk = tl.load(z_base + w_offs, mask=w_mask, other=0.0)  # (BLOCK_O, BLOCK_I)
+            w_blk = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)  # (BLOCK_O, BLOCK_I)
             read_w += tl.dot(r_blk, tl.trans(w_blk), input_precision=PRECISION)
-            w_new = t00 * w_blk - tl.dot(tl.trans(corr_w), h_blk, input_precision=PRECISION)
-            if S == 2:
-                s_blk = tl.load(z_base + OUT * IN + w_offs, mask=w_mask, other=0.0)
+            w_new = a_end * w_blk - tl.dot(tl.trans(corr_w), h_blk, input_precision=PRECISION)
+            if MOMENTUM:
+                s_blk = tl.load(s_ptr + w_offs, mask=w_mask, other=0.0)
                 read_s += tl.dot(r_blk, tl.trans(s_blk), input_precision=PRECISION)
-                w_new += t01 * s_blk
-                s_new = t11 * s_blk - tl.dot(tl.trans(corr_s), h_blk, input_precision=PRECISION)
-                tl.store(znew_base + OUT * IN + w_offs, s_new, mask=w_mask)
-            tl.store(znew_base + w_offs, w_new, mask=w_mask)
-        z = coef_a[:, None] * read_w + coef_bm[:, None] * read_s - tl.dot(mixing, delta, input_precision=PRECISION)
+                w_new += bm_end * s_blk
+                s_new = e_end * s_blk - tl.dot(tl.trans(corr_s), h_blk, input_precision=PRECISION)
+                tl.store(snew_ptr + w_offs, s_new, mask=w_mask)
+            tl.store(wnew_ptr + w_offs, w_new, mask=w_mask)
+        z = coef_a[:, None] * read_w - tl.dot(mixing, delta, input_precision=PRECISION)
+        if MOMENTUM:
+            z += coef_bm[:, None] * read_s
         tl.store(out_ptr + bh * B * OUT + offs_t[:, None] * OUT + offs_o[None, :], z, mask=o_mask[None, :])
 
 
-def _launch(r, z_state, h, delta, A, Bm, mixing, T, D) -> tuple[Tensor, Tensor]:
-    if z_state.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+def _launch(r, w, s, h, delta, A, Bm, mixing, ends, D):
+    if w.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("fused_kernel runs on CUDA devices (or on CPU under TRITON_INTERPRET=1); set memory.fused_kernel=false")
     BH, b, IN = r.shape
     OUT = delta.shape[-1]
-    S = T.shape[-1]
-    args = [t.contiguous() for t in (r, z_state, h, delta, A, Bm, mixing, T, D)]
+    momentum = s is not None
+    r, w, h, delta, A, Bm, mixing, ends, D = (t.contiguous() for t in (r, w, h, delta, A, Bm, mixing, ends, D))
+    s = s.contiguous() if momentum else w
     z = torch.empty(BH, b, OUT, device=r.device, dtype=r.dtype)
-    z_new = torch.empty_like(args[1])
-    block_o = min(64, OUT)
-    block_i = min(64, IN)
+    w_new = torch.empty_like(w)
+    s_new = torch.empty_like(w) if momentum else w_new
+    block_o, block_i = min(64, OUT), min(64, IN)
     grid = (BH, triton.cdiv(OUT, block_o))
-    _layer_update_kernel[grid](*args, z, z_new, OUT, IN, B=b, S=S, BLOCK_O=block_o, BLOCK_I=block_i, PRECISION="ieee")
-    return z, z_new
+    _layer_update_kernel[grid](
+        r, w, s, h, delta, A, Bm, mixing, ends, D, z, w_new, s_new, OUT, IN,
+        B=b, MOMENTUM=momentum, BLOCK_O=block_o, BLOCK_I=block_i, PRECISION="ieee",
+    )
+    return z, w_new, (s_new if momentum else None)
 
 
 class _FusedLayerUpdate(torch.autograd.Function):
     """Forward through the kernel; backward recomputes the eager ``layer_update`` and differentiates it."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        ctx.save_for_backward(*inputs)
-        return _launch(*inputs)
+    def forward(ctx, r, w, s, *rest):
+        ctx.has_momentum = s is not None
+        ctx.save_for_backward(r, w, s if s is not None else w, *rest)
+        return _launch(r, w, s, *rest)
 
     @staticmethod
-    def backward(ctx, grad_z, grad_state):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        wanted = [t for t in inputs if t.requires_grad]
+    def backward(ctx, grad_z, grad_w, grad_s):
+        saved = list(ctx.saved_tensors)
+        if not ctx.has_momentum:
+            saved[2] = None
+        inputs = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in saved]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
         with torch.enable_grad():
-            outputs = layer_update(*inputs)
-        grads = iter(torch.autograd.grad(outputs, wanted, (grad_z, grad_state), allow_unused=True))
-        return tuple(next(grads) if t.requires_grad else None for t in inputs)
+            z, w_end, s_end = layer_update(*inputs)
+        outputs, grads_out = [z, w_end], [grad_z, grad_w]
+        if s_end is not None:
+            outputs.append(s_end)
+            grads_out.append(grad_s)
+        grads = iter(torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True))
+        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
-def fused_layer_update(r, z_state, h, delta, A, Bm, mixing, T, D) -> tuple[Tensor, Tensor]:
+def fused_layer_update(r, w, s, h, delta, A, Bm, mixing, ends, D):
     """Drop-in for ``maths.layer_update`` backed by the Triton kernel."""
-    return _FusedLayerUpdate.apply(r, z_state, h, delta, A, Bm, mixing, T, D)
+    return _FusedLayerUpdate.apply(r, w, s, h, delta, A, Bm, mixing, ends, D)
