@@ -37,7 +37,11 @@ class ShortConv(nn.Module):
         self.width = width
         self.weight = nn.Parameter(torch.empty(channels, 1, width))
         self.bias = nn.Parameter(torch.zeros(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, N, C); cache: (B, width - 1, C). Returns the output and the new cache."""
@@ -104,6 +108,17 @@ class NeuralMemory(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.reset_memory_parameters()
 
+    def reset_parameters(self) -> None:
+        """Every parameter of the layer to its initialisation (also after a meta-device build)."""
+        for linear in (self.to_q, self.to_k, self.to_v, self.to_gate, self.to_out):
+            linear.reset_parameters()
+        self.conv.reset_parameters()
+        nn.init.ones_(self.out_norm_weight)
+        if self.cfg.depth >= 2:
+            nn.init.ones_(self.ln_weight)
+            nn.init.zeros_(self.ln_bias)
+        self.reset_memory_parameters()
+
     def reset_memory_parameters(self) -> None:
         """W_0 scaled to keep activations O(1); gates start at the biases of the config (design doc)."""
         for w, (_, fan_in) in zip(self.initial_weights, self.shapes):
@@ -131,6 +146,19 @@ class NeuralMemory(nn.Module):
 
     def _heads(self, t: Tensor) -> Tensor:  # (B, N, H*d) -> (B, H, N, d)
         return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def query(self, x: Tensor, conv_cache: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Retrieval queries for a stream other than the one written (MAC reads with the segment, writes
+        the attention output): W_Q, the q channels of the short convolution, SiLU, l2 norm per head.
+        Returns q (B, H, N, d) and this stream's convolution cache (B, width - 1, H * d)."""
+        q = self.to_q(x)
+        channels = q.shape[-1]
+        if conv_cache is None:
+            conv_cache = q.new_zeros(q.shape[0], self.cfg.conv_width - 1, channels)
+        full = torch.cat([conv_cache, q], 1)
+        q = F.conv1d(full.transpose(1, 2), self.conv.weight[:channels], self.conv.bias[:channels], groups=channels)
+        q = F.normalize(self._heads(F.silu(q.transpose(1, 2))), dim=-1)
+        return q, full[:, full.shape[1] - (self.cfg.conv_width - 1) :]
 
     def project(self, x: Tensor, conv_cache: Tensor):
         """q, k, v (B, H, N, d) and the gates theta, log eta, log(1 - alpha) (B, H, N)."""

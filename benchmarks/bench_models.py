@@ -1,0 +1,117 @@
+"""Model-level speed and memory, measured side by side in one run (issue: scale and speed).
+
+    python benchmarks/bench_models.py speed  [--lengths 1024 2048 4096 8192 16384]
+    python benchmarks/bench_models.py memory [--lengths 2048 4096 8192 16384] [--every 16]
+
+``speed``: forward+backward tokens/s of every variant (lmm, mac, mag, mal) and baseline (transformer,
+swa) at equal parameter count (each baseline's SwiGLU width is chosen to match), batch 1, with the ratio
+of each variant's time at the longest length to its time at 2K, and mag/mal vs. the transformer.
+``memory``: peak resident set of one training step (fresh process per point) of an LMM model, with and
+without chunk-state recomputation (``memory.checkpoint_every``), and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from titans_scale.memory import MemoryConfig
+from titans_scale.models import ModelConfig, build_model, parameter_count
+
+VARIANTS = ("transformer", "swa", "lmm", "mac", "mag", "mal")
+
+
+def small_config(variant: str, **overrides) -> ModelConfig:
+    base = dict(
+        variant=variant, vocab_size=1024, dim=128, n_layers=2, n_heads=4, persistent_tokens=16,
+        segment_len=512, window=512, memory=MemoryConfig(depth=2, expansion=4, chunk_size=16),
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def matched_config(variant: str, target: int) -> ModelConfig:
+    """The variant with its SwiGLU width chosen so that its parameter count is closest to ``target``."""
+    best = min(range(16, 4096, 16), key=lambda h: abs(parameter_count(small_config(variant, mlp_hidden=h)) - target))
+    return small_config(variant, mlp_hidden=best)
+
+
+def fwd_bwd_seconds(model, n: int, repeats: int) -> float:
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, n))
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        model.loss(tokens).backward()
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def speed(args) -> None:
+    torch.manual_seed(0)
+    target = parameter_count(small_config("mag"))
+    models = {v: build_model(matched_config(v, target)) for v in VARIANTS}
+    print(f"# fwd+bwd tokens/s, batch 1, dim 128, 2 layers, 4 heads, window 512, segment 512, chunk 16, "
+          f"threads={torch.get_num_threads()}")
+    print("# parameters: " + ", ".join(f"{v} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for v, m in models.items()))
+    print(f"{'N':>6} " + " ".join(f"{v:>11}" for v in VARIANTS))
+    seconds = {v: {} for v in VARIANTS}
+    for n in args.lengths:
+        for v, m in models.items():
+            seconds[v][n] = fwd_bwd_seconds(m, n, args.repeats)
+        print(f"{n:>6} " + " ".join(f"{n / seconds[v][n]:>11.0f}" for v in VARIANTS), flush=True)
+    longest, ref = args.lengths[-1], 2048 if 2048 in args.lengths else args.lengths[0]
+    for v in VARIANTS:
+        ratio = seconds[v][longest] / seconds[v][ref]
+        print(f"{v:>11}: t({longest})/t({ref}) = {ratio:.2f} (linear {longest / ref:.1f}; goal for Titans <= {1.1 * longest / ref:.1f})")
+    for v in ("mag", "mal", "lmm", "mac", "swa"):
+        print(f"{v:>11} vs transformer at {longest}: {seconds['transformer'][longest] / seconds[v][longest]:.2f}x the tokens/s")
+
+
+def peak_rss_child(n: int, every: int) -> None:
+    torch.manual_seed(0)
+    cfg = small_config("lmm", memory=MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=every))
+    model = build_model(cfg)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model.loss(torch.randint(0, cfg.vocab_size, (1, n))).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mb": after / 1024, "step_mb": (after - before) / 1024}))
+
+
+def memory(args) -> None:
+    print(f"# peak RSS of one LMM training step (dim 128, 2 layers, 4 heads, chunk 16), fresh process per point")
+    print(f"{'N':>6} {'no recompute MB':>16} {f'every {args.every} MB':>14} {'ratio':>6}")
+    for n in args.lengths:
+        row = []
+        for every in (0, args.every):
+            out = subprocess.run([sys.executable, __file__, "child", str(n), str(every)], capture_output=True, text=True, check=True)
+            row.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+        print(f"{n:>6} {row[0]:>16.0f} {row[1]:>14.0f} {row[1] / row[0]:>6.2f}", flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        peak_rss_child(int(sys.argv[2]), int(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["speed", "memory"])
+    parser.add_argument("--lengths", type=int, nargs="+")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--every", type=int, default=16, help="chunks between kept states (memory benchmark)")
+    args = parser.parse_args()
+    if args.what == "speed":
+        args.lengths = args.lengths or [1024, 2048, 4096, 8192, 16384]
+        speed(args)
+    else:
+        args.lengths = args.lengths or [2048, 4096, 8192, 16384]
+        memory(args)
+
+
+if __name__ == "__main__":
+    main()
