@@ -50,7 +50,6 @@ class ModelState:
         return ModelState(self.position, [[s.detach() for s in layer] for layer in self.layers])
 
 
-@torch.no_grad()
 class TitansLM(nn.Module):
     """A Titans (or baseline) language model built from a validated ``ModelConfig``."""
 
