@@ -203,6 +203,10 @@ def test_half_precision_keeps_float32_state():
     y_half, state = mem.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert y_half.dtype == torch.bfloat16 and state.memory.weights[0].dtype == torch.float32
     assert (y_half.float() - y32).abs().max() < 0.05 * y32.abs().max()
+    q = torch.nn.functional.normalize(torch.randn(2, HEADS, 5, DIM // HEADS), dim=-1)
+    read = mem.retrieve(q.to(torch.bfloat16), state.memory)  # MAC reads a bf16 query from an fp32 state
+    assert read.dtype == torch.bfloat16
+    assert (read.float() - mem.float().retrieve(q, state.memory)).abs().max() < 0.05
 
 
 def test_compiled_chunk_step_equals_eager():

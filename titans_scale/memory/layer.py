@@ -192,8 +192,12 @@ class NeuralMemory(nn.Module):
         return y.to(out_dtype), state
 
     def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:
-        """Read without writing ("M*"), at the weights of the last chunk boundary: (B, H, N, d)."""
-        return memory_read(q, state.weights, None if self.ln is None else tuple(p.unsqueeze(1) for p in self.ln), self.cfg.ln_eps)
+        """Read without writing ("M*"), at the weights of the last chunk boundary: (B, H, N, d).
+        Like ``memorize``, it computes in the state's dtype (fp32 under bf16) and returns q's dtype."""
+        dtype = state.weights[0].dtype
+        ln = None if self.ln is None else tuple(p.to(dtype).unsqueeze(1) for p in self.ln)
+        with torch.autocast(q.device.type, enabled=False):
+            return memory_read(q.to(dtype), state.weights, ln, self.cfg.ln_eps).to(q.dtype)
 
     def output(self, y: Tensor, x: Tensor) -> Tensor:
         """RMS-normalise each head's read, gate it by the input, project back to the model width."""
