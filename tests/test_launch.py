@@ -1,0 +1,63 @@
+"""The launcher: who is a worker (torchrun, the deepspeed launcher, srun), and bad inputs refused with one
+clear line before any training step (a world that does not divide the batch or the parallel sizes, shards
+made with another tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import data_make_documents
+from test_train import SEQ, shards, train_args, train_launch  # noqa: F401 (shards is a fixture)
+
+from titans_scale.train.distributed import launcher_env
+
+
+def test_launcher_environments():
+    assert launcher_env({}) is None
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29400"}
+    assert launcher_env(torchrun) == {k: torchrun[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    srun = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+            "MASTER_ADDR": "node1"}
+    assert launcher_env(srun) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node1",
+                                  "MASTER_PORT": str(20000 + 1234)}
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}  # sbatch's shell, not a task
+    assert launcher_env(batch_script) is None
+
+
+def assert_refused_before_training(result, *needles: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result
+    assert all(n in lines[0] for n in needles), result
+    assert "[train]" not in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        ({"nproc": 3}, ["train.global_batch_tokens=512 is not a multiple of", "2 x 64 x 3 = 384", "nproc"]),
+        ({"nproc": 3, "parallel__tp": 2}, ["world size 3 is not a multiple of parallel.tp * parallel.sp = 2 * 1"]),
+    ],
+)
+def test_world_that_does_not_fit_is_refused(overrides, needles, shards, tmp_path):  # noqa: F811
+    assert_refused_before_training(train_launch(train_args(shards, tmp_path, **overrides)), *needles)
+
+
+def test_shards_of_another_tokenizer_are_refused(shards, tmp_path):  # noqa: F811
+    from titans_scale.data.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "other.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d.upper()}) + "\n" for d in data_make_documents(100, seed=9)))
+    other = train_tokenizer(str(corpus), 500, tmp_path / "other.model", progress=False, threads=1)
+    result = train_launch(train_args(shards, tmp_path / "run", data__tokenizer=other.path))
+    assert_refused_before_training(result, "tokenizer", "vocab 500", "prepared with vocab 400")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_dry_run_prints_the_plan(shards, tmp_path):  # noqa: F811
+    result = train_launch(train_args(shards, tmp_path, dry_run="true", nproc=2))
+    assert result.returncode == 0, result
+    assert "[plan] mag:" in result.stdout and "world 2 (dp 2) | 6 steps of 512 tokens" in result.stdout
+    assert "variant: mag" in result.stdout  # the resolved recipe
+    assert not tmp_path.joinpath("checkpoints").exists()

@@ -1,0 +1,118 @@
+"""Start a training run: ``python -m titans_scale.launch recipe=NAME [key=value ...]``.
+
+One process by default; ``nproc=N`` starts N workers on this machine (torch's elastic launcher, the engine
+behind torchrun: gloo on CPU, nccl on GPU). Under torchrun, the deepspeed launcher or srun (seen from their
+environment variables) every process is already a worker and trains directly. A mistake in the recipe or
+the command line stops the run before training with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+
+USAGE = """usage: python -m titans_scale.launch recipe=NAME [key=value ...]
+
+  recipe=NAME          a YAML file in recipes/ (default: tiny) or a path to one
+  key=value            override any field, e.g. train.steps=200 model.dim=256 data.seq_len=512
+  nproc=N              N processes on this machine (under torchrun / deepspeed / srun: one per task)
+  resume=auto|never|PATH   continue from the newest complete checkpoint in run_dir (auto), start over, or
+                       start from a given checkpoint
+  dry_run=true         resolve, check and print the plan without training
+
+See docs/training.md for every field."""
+
+USER_ERROR = 2
+
+
+def worker_count(cfg) -> tuple[int, bool]:
+    """(world size, whether an external launcher started this process)."""
+    from titans_scale.train.distributed import launcher_env
+
+    env = launcher_env()
+    return (int(env["WORLD_SIZE"]), True) if env else (cfg.nproc, False)
+
+
+def dry_run(cfg, world_size: int) -> None:
+    """Print the resolved recipe and what the run would do; build and check the data."""
+    from omegaconf import OmegaConf
+
+    from titans_scale.models import model_stats
+    from titans_scale.train.engine import check_data, make_plan
+    from titans_scale.train.metrics import human
+
+    plan = make_plan(cfg, world_size)
+    check_data(cfg, build=True)
+    params, flops = model_stats(cfg.model, plan.seq_len)
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip())
+    print(f"[plan] {cfg.model.variant}: {human(params)} parameters, {human(3 * flops)} FLOPs per token (fwd+bwd) | "
+          f"{plan.describe()}")
+
+
+def spawn_workers(argv: list[str], nproc: int) -> int:
+    """Run ``python -m titans_scale.launch argv`` as ``nproc`` workers under torch's elastic agent."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=os.devnull),  # workers write to our stdout; no log dirs in /tmp
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "titans_scale.launch", *argv)
+    except SignalException:  # Ctrl-C or a scheduler's TERM: the agent has stopped the workers
+        raise KeyboardInterrupt from None
+    except ChildFailedError as e:
+        codes = {failure.exitcode for failure in e.failures.values()}
+        if codes == {USER_ERROR}:
+            return USER_ERROR  # rank 0 has printed the one-line reason
+        rank, failure = min(e.failures.items())
+        print(f"error: worker rank {rank} exited with code {failure.exitcode} (its output is above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE)
+        return 0
+    from titans_scale.config import ConfigError, resolve
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    try:
+        cfg = resolve(argv)
+        world_size, external = worker_count(cfg)
+        if cfg.dry_run:
+            if rank == 0:
+                dry_run(cfg, world_size)
+            return 0
+        if not external:
+            from titans_scale.train.engine import make_plan
+
+            make_plan(cfg, world_size)  # batch arithmetic and the checkpoint, before any worker starts
+            if world_size > 1:
+                return spawn_workers(argv, world_size)
+        from titans_scale.train.engine import train
+
+        train(cfg)
+        return 0
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; resume=auto continues from the last complete checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
