@@ -106,21 +106,19 @@ start() {
 }
 
 stop_daemons() {
-  local pidfile pid
+  local pidfile pids=()
   for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
-    alive "$pidfile" || continue
-    pid=$(cat "$pidfile")
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
+    alive "$pidfile" && pids+=("$(cat "$pidfile")")
   done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "${pids[@]}" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 stop() {
   if answers; then
-    scancel --full --signal=KILL --user "$(id -un)" 2>/dev/null || true
     scancel --user "$(id -un)" 2>/dev/null || true
-    sleep 0.5
   fi
   stop_daemons
 }

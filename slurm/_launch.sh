@@ -12,9 +12,10 @@
 # - writes to runs/<job name>-<job id> (the same directory after a requeue, so resume=auto continues);
 #   pass run_dir=... to continue an earlier job's run in a new job;
 # - forwards USR1 (from --signal=B:USR1@N, or `scancel --signal=USR1 --batch JOB`) and TERM to the ranks:
-#   on USR1 they finish the current step, save a checkpoint and requeue the job (scontrol requeue).
+#   they finish the current step, save a checkpoint together and exit; after USR1 it requeues the job.
 # Arguments are recipe overrides (key=value), passed on to `python -m titans_scale.launch`.
-# Environment: PYTHON (default .venv/bin/python, else python3), TITANS_SCALE_HOME, RUN_DIR, MASTER_PORT.
+# Environment: PYTHON (default .venv/bin/python, else python3), TITANS_SCALE_HOME, RUN_DIR, MASTER_PORT,
+# SRUN_WAIT (120), STOP_TIMEOUT (100); see docs/cluster.md.
 
 set -euo pipefail
 : "${RECIPE:?set RECIPE=<recipe name> before sourcing slurm/_launch.sh}"
@@ -43,6 +44,9 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
 RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}
+for arg in "$@"; do  # a run_dir=... among the overrides wins (it is also passed on, last)
+  case "$arg" in run_dir=*) RUN_DIR=${arg#run_dir=} ;; esac
+done
 echo "[slurm] job $SLURM_JOB_ID ($SLURM_JOB_NAME) run ${SLURM_RESTART_COUNT:-0}: $SLURM_JOB_NUM_NODES node(s)," \
      "$SLURM_NTASKS task(s), rendezvous $MASTER_ADDR:$MASTER_PORT | recipe=$RECIPE run_dir=$RUN_DIR $*"
 
@@ -54,10 +58,11 @@ echo "[slurm] job $SLURM_JOB_ID ($SLURM_JOB_NAME) run ${SLURM_RESTART_COUNT:-0}:
 export TITANS_REQUEUE_BY=batch
 STOP_TIMEOUT=${STOP_TIMEOUT:-100}
 requeue_at=""
+srun_pid=""
 forward() {
   echo "[slurm] caught SIG$1: passing it to the ranks (they stop after the current step with a checkpoint)"
-  [ "$1" = USR1 ] && [ -z "$requeue_at" ] && requeue_at=$((SECONDS + STOP_TIMEOUT))
-  kill -s "$1" "$srun_pid" 2>/dev/null || true
+  if [ "$1" = USR1 ] && [ -z "$requeue_at" ]; then requeue_at=$((SECONDS + STOP_TIMEOUT)); fi
+  if [ -n "$srun_pid" ]; then kill -s "$1" "$srun_pid" 2>/dev/null || true; fi
 }
 requeue() {
   echo "[slurm] $1: requeueing job $SLURM_JOB_ID (the next run continues from the checkpoint in $RUN_DIR)"

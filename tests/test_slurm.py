@@ -16,7 +16,7 @@ import pytest
 from test_train import assert_same_params, shards, train_args, train_metrics, train_params  # noqa: F401 (shards: fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 30
+STEPS = 16
 STUCK_REASONS = ("PartitionConfig", "ReqNodeNotAvail", "BadConstraints", "PartitionNodeLimit", "InvalidQOS")
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
@@ -124,9 +124,34 @@ def test_signalled_job_checkpoints_requeues_and_finishes_from_the_checkpoint(slu
     assert 2 <= stopped < STEPS, text
     assert "[slurm] the ranks stopped with a checkpoint: requeueing job" in first
     assert f"resuming from {tmp_path / 'run' / 'checkpoints' / f'step_{stopped:08d}'}" in second
-    assert steps_logged(first) == list(range(1, stopped + 1)) and steps_logged(second) == list(range(stopped + 1, STEPS + 1))
+    assert steps_logged(first) == list(range(1, stopped + 1))
+    assert steps_logged(second) == list(range(stopped + 1, STEPS + 1))
     assert f"[done]  {STEPS} steps" in second
 
     _, _, straight_dir = straight_job
     assert train_metrics(tmp_path / "run") == train_metrics(straight_dir)
     assert_same_params(train_params(tmp_path / "run"), train_params(straight_dir))
+
+
+def test_requeue_handler_requeues_its_job_through_scontrol(slurm, monkeypatch):
+    """Outside our sbatch scripts (a user's own `srun python -m titans_scale.launch` line), rank 0's
+    RequeueHandler.requeue() runs `scontrol requeue $SLURM_JOB_ID` itself."""
+    import signal
+
+    from titans_scale.train.requeue import RequeueHandler
+
+    job = slurm.run("sbatch", "--parsable", "--output=/dev/null", "--wrap", "sleep 120").strip().split(";")[0]
+    deadline = time.time() + 60
+    while slurm.job(job)["JobState"] != "RUNNING":
+        assert time.time() < deadline, slurm.job(job)
+        time.sleep(0.2)
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    monkeypatch.setenv("SLURM_JOB_ID", job)
+    monkeypatch.delenv("TITANS_REQUEUE_BY", raising=False)
+    with RequeueHandler() as handler:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.agree()
+        assert handler.requeue() == f"[requeue] Slurm job {job} requeued; it continues from the checkpoint"
+    handler.close()
+    assert slurm.job(job)["Restarts"] == "1"
+    slurm.run("scancel", job)

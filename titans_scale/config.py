@@ -74,6 +74,8 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel: heads split across ranks
     sp: int = 1  # sequence parallel: memory chunks split across ranks
     sp_scheme: str = "relay"  # relay | all_to_all (design doc, section 4)
+    sequence_parallel: bool = False  # Megatron's sequence parallelism of norms / residuals inside TP
+    sp_micro_batches: int = 1  # the relay's wavefront: micro-batches in flight along the SP ranks
 
 
 @dataclass
@@ -173,7 +175,7 @@ def _check_keys(data: Any, schema: type, root: type, prefix: str = "") -> None:
         if key not in hints:
             raise ConfigError(f"unknown config key {full!r}{_suggest(full, root)}")
         if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, (dict, DictConfig)):
+            if not isinstance(value, dict):
                 example = dataclasses.fields(hints[key])[0].name
                 raise ConfigError(f"{full!r} is a section, not a value; set its fields, e.g. {full}.{example}=...")
             _check_keys(value, hints[key], root, full + ".")
@@ -182,7 +184,7 @@ def _check_keys(data: Any, schema: type, root: type, prefix: str = "") -> None:
 def to_dataclass(schema: type, data: Any, prefix: str = "") -> Any:
     """Validate a mapping against a dataclass schema (keys and types) and build the typed object."""
     data = data if isinstance(data, DictConfig) else OmegaConf.create(data or {})
-    _check_keys(data, schema, schema)
+    _check_keys(OmegaConf.to_container(data, resolve=False), schema, schema)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         return OmegaConf.to_object(merged)
@@ -209,6 +211,11 @@ def resolve(args: list[str] | None = None, *, recipe: str | None = None, recipes
     name = str(overrides.pop("recipe", None) or recipe or "tiny")
     merged = OmegaConf.merge(_load_recipe(name, recipes_dir), overrides)
     merged.recipe = name
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:  # a value the recipe leaves to the user (``???``), e.g. a paper recipe's data paths
+        given = " ".join(f"{key}=..." for key in missing)
+        raise ConfigError(f"{', '.join(missing)} must be set: recipe {name!r} leaves {'it' if len(missing) == 1 else 'them'} "
+                          f"open (???); add {given} to the command")
     try:
         OmegaConf.resolve(merged)  # ${...} interpolations inside recipes
     except OmegaConfBaseException as e:
@@ -242,8 +249,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0 or t.peak_flops < 0:
         raise ConfigError("train.weight_decay, train.grad_clip and train.peak_flops must be >= 0, train.eps > 0")
     p = cfg.parallel
-    if p.tp < 1 or p.sp < 1:
-        raise ConfigError(f"parallel.tp={p.tp} and parallel.sp={p.sp} must be >= 1")
+    if p.tp < 1 or p.sp < 1 or p.sp_micro_batches < 1:
+        raise ConfigError(f"parallel.tp={p.tp}, parallel.sp={p.sp} and parallel.sp_micro_batches={p.sp_micro_batches} "
+                          f"must be >= 1")
     if cfg.nproc < 1:
         raise ConfigError(f"nproc={cfg.nproc} must be >= 1")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():

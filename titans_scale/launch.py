@@ -58,6 +58,8 @@ def spawn_workers(argv: list[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from titans_scale.train.requeue import REQUEUE_SIGNALS, STOP_SIGNALS, exit_code
+
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -72,8 +74,8 @@ def spawn_workers(argv: list[str], nproc: int) -> int:
         raise KeyboardInterrupt from None
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
-        if codes == {USER_ERROR}:
-            return USER_ERROR  # rank 0 has printed the one-line reason
+        if len(codes) == 1 and codes <= {USER_ERROR} | {exit_code(s) for s in REQUEUE_SIGNALS + STOP_SIGNALS}:
+            return codes.pop()  # a user error or a signal stop: rank 0 has said why
         rank, failure = min(e.failures.items())
         print(f"error: worker rank {rank} exited with code {failure.exitcode} (its output is above)", file=sys.stderr)
         return 1
@@ -102,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             if world_size > 1:
                 return spawn_workers(argv, world_size)
         from titans_scale.train.engine import train
+        from titans_scale.train.requeue import exit_code
 
-        train(cfg)
-        return 0
+        return exit_code(train(cfg)["stopped"])  # 128 + the signal when a job's end stopped the run
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

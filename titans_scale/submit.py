@@ -24,9 +24,13 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+
+if TYPE_CHECKING:
+    from titans_scale.config import RunConfig
+    from titans_scale.train.engine import Plan
 
 USAGE = """usage: python -m titans_scale.submit recipe=NAME [submit keys] [key=value recipe overrides]
 
@@ -165,13 +169,12 @@ class Submission:
     """A checked submission: where (``sc``), what (``cfg`` and the arguments that give it), its plan."""
 
     sc: SubmitConfig
-    cfg: object  # RunConfig
+    cfg: RunConfig
     args: list[str]  # recipe=... run_dir=... overrides: what every task resolves again
-    plan: object  # train.engine.Plan
-    world_size: int
+    plan: Plan
 
 
-def prepare(argv: list[str]) -> Submission:
+def plan_submission(argv: list[str]) -> Submission:
     """Check everything a submission needs, before anything is queued; raises ConfigError (one line)."""
     from titans_scale.config import ConfigError, resolve
     from titans_scale.train.engine import make_plan
@@ -189,10 +192,10 @@ def prepare(argv: list[str]) -> Submission:
     plan = make_plan(cfg, world_size)  # batch arithmetic at this world size, and the checkpoint to resume
     if not sc.local and not cfg.dry_run and shutil.which("sbatch") is None:
         raise ConfigError("sbatch not found: submit from a Slurm login node, or use cluster=local to run on this machine")
-    return Submission(sc, cfg, args, plan, world_size)
+    return Submission(sc, cfg, args, plan)
 
 
-def check_world(cfg, sc: SubmitConfig, world_size: int) -> None:
+def check_world(cfg: RunConfig, sc: SubmitConfig, world_size: int) -> None:
     """The global batch splits evenly over this many ranks in micro-batches; otherwise say which node
     counts work (ConfigError)."""
     from titans_scale.config import ConfigError
@@ -200,17 +203,19 @@ def check_world(cfg, sc: SubmitConfig, world_size: int) -> None:
     t, seq_len, model_parallel = cfg.train, cfg.data.seq_len, cfg.parallel.tp * cfg.parallel.sp
 
     def fits(ranks: int) -> bool:
-        return ranks % model_parallel == 0 and t.global_batch_tokens % (t.micro_batch * seq_len * ranks // model_parallel) == 0
+        dp = ranks // model_parallel
+        return ranks % model_parallel == 0 and t.global_batch_tokens % (t.micro_batch * seq_len * dp) == 0
 
     if fits(world_size) or t.global_batch_tokens % seq_len:
         return  # fine, or a recipe mismatch that make_plan explains
     good = [str(n) for n in range(1, 1025) if fits(n * sc.tasks_per_node)][:8]
-    hint = f"use nodes={', '.join(good[:-1])} or {good[-1]}" if len(good) > 1 else (f"use nodes={good[0]}" if good else "no node count works")
+    hint = f"use nodes={' or '.join([', '.join(good[:-1]), good[-1]] if len(good) > 1 else good)}" if good else \
+        "no node count works"
+    model_parallel_note = f" with parallel.tp x parallel.sp = {model_parallel}" if model_parallel > 1 else ""
     raise ConfigError(
         f"nodes={sc.nodes} x {sc.tasks_per_node} tasks = {world_size} ranks cannot share the global batch of "
-        f"{t.global_batch_tokens // seq_len} sequences (train.global_batch_tokens / data.seq_len) in micro-batches of "
-        f"train.micro_batch={t.micro_batch}" + (f" with parallel.tp x parallel.sp = {model_parallel}" if model_parallel > 1 else "")
-        + f"; {hint}, or change train.micro_batch"
+        f"{t.global_batch_tokens // seq_len} sequences (train.global_batch_tokens / data.seq_len) in micro-batches "
+        f"of train.micro_batch={t.micro_batch}{model_parallel_note}; {hint}, or change train.micro_batch or gpus_per_node"
     )
 
 
@@ -227,7 +232,7 @@ def check_prepared_data(sub: Submission) -> None:
 # The plan, and what it will cost
 
 
-def estimate(cfg, plan, mfu: float, peak_flops: float | None = None) -> tuple[float, float, float]:
+def estimate(cfg: RunConfig, plan: Plan, mfu: float, peak_flops: float | None = None) -> tuple[float, float, float]:
     """(training FLOPs per token, total FLOPs, GPU-hours) of a run at ``mfu`` of ``peak_flops`` per GPU
     (default: ``train.peak_flops``, else an H100's dense bf16 989 TFLOP/s). Training = 3 x forward."""
     from titans_scale.models import model_stats
@@ -240,26 +245,34 @@ def estimate(cfg, plan, mfu: float, peak_flops: float | None = None) -> tuple[fl
     return per_token, total, total / (mfu * peak) / 3600
 
 
+def estimate_line(cfg: RunConfig, plan: Plan, mfu: float = 0.4, time_limit: str | None = None) -> str:
+    """'[plan] estimate: ... GPU-hours at 40% MFU ...' for a dry run (launch's and submit's)."""
+    from titans_scale.train.metrics import GPU_PEAK_FLOPS
+
+    _, total, gpu_hours = estimate(cfg, plan, mfu)
+    peak = cfg.train.peak_flops or GPU_PEAK_FLOPS
+    hours = gpu_hours / plan.world_size
+    runs = f" ({-(-hours * 60 // parse_time(time_limit)):.0f} run(s) of time={time_limit})" if time_limit else ""
+    return (f"[plan] estimate: {total:.2e} FLOPs = {gpu_hours:,.0f} GPU-hours at {100 * mfu:.0f}% MFU of "
+            f"{peak / 1e12:,.0f} TFLOP/s per GPU = {hours:,.1f} h on {plan.world_size} GPUs{runs}")
+
+
 def plan_lines(sub: Submission) -> list[str]:
     """What the run is and what it will cost, a few lines for a human."""
     from titans_scale.models import model_stats
-    from titans_scale.train.metrics import GPU_PEAK_FLOPS, human
+    from titans_scale.train.metrics import human
 
     cfg, plan, sc = sub.cfg, sub.plan, sub.sc
-    params, _ = model_stats(cfg.model, plan.seq_len)
-    per_token, total, gpu_hours = estimate(cfg, plan, sc.mfu)
-    peak = cfg.train.peak_flops or GPU_PEAK_FLOPS
-    where = f"{sc.nodes} node(s) x {sc.tasks_per_node} task(s)" + (f" ({sc.gpus_per_node} GPUs each)" if sc.gpus_per_node else "")
-    hours = gpu_hours / sub.world_size
+    params, forward = model_stats(cfg.model, plan.seq_len)
+    gpus = f" ({sc.gpus_per_node} GPUs each)" if sc.gpus_per_node else ""
+    where = f"{sc.nodes} node(s) x {sc.tasks_per_node} task(s){gpus}"
     lines = [
-        f"[plan] {cfg.recipe}: {cfg.model.variant} model, {human(params)} parameters, {human(per_token)} FLOPs per "
+        f"[plan] {cfg.recipe}: {cfg.model.variant} model, {human(params)} parameters, {human(3 * forward)} FLOPs per "
         f"token (training = 3 x forward) at seq_len {plan.seq_len}",
         f"[plan] {where} | {plan.describe()} | {human(plan.total_steps * plan.tokens_per_step)} tokens",
     ]
     if sc.gpus_per_node or cfg.train.peak_flops:  # (no estimate for a CPU trial)
-        lines.append(f"[plan] estimate: {total:.2e} FLOPs = {gpu_hours:,.0f} GPU-hours at {100 * sc.mfu:.0f}% MFU of "
-                     f"{peak / 1e12:,.0f} TFLOP/s per GPU = {hours:,.1f} h on {sub.world_size} GPUs "
-                     f"({-(-hours * 60 // parse_time(sc.time)):.0f} run(s) of time={sc.time})")
+        lines.append(estimate_line(cfg, plan, sc.mfu, sc.time))
     return lines + [f"[plan] run_dir {cfg.run_dir} | resume={cfg.resume}"]
 
 
@@ -273,7 +286,7 @@ class TrainJob(Checkpointable):
 
     ``checkpoint()`` is what submitit calls on rank 0 when the job must end: by then the ranks have saved a
     checkpoint together (the engine's RequeueHandler held the signal until the end of the step), so the
-    resumed job is simply this job again, with resume=auto in the same run_dir."""
+    resumed job is this job again, with resume=auto in the same run_dir."""
 
     def __init__(self, args: list[str], threads: int = 0):
         self.args = list(args)
@@ -292,13 +305,13 @@ class TrainJob(Checkpointable):
             torch.set_num_threads(self.threads)
         from titans_scale.train.engine import train
 
-        result = train(resolve(self.args + ["resume=auto"]))
+        result = train(resolve(self.args))
         if result.get("stopped"):  # rank 0 has had submitit requeue the job (or Slurm decides, on SIGTERM)
             sys.exit(exit_code(result["stopped"]))
         return result
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
-        return DelayedSubmission(TrainJob(self.args, self.threads))
+        return DelayedSubmission(TrainJob(self.args + ["resume=auto"], self.threads))
 
 
 def executor_for(sc: SubmitConfig):
@@ -358,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from titans_scale.config import ConfigError
 
     try:
-        sub = prepare(argv)
+        sub = plan_submission(argv)
         if sub.cfg.dry_run:  # the plan first: it is worth seeing even before the data is ready
             print(OmegaConf.to_yaml(OmegaConf.structured(sub.cfg)).rstrip())
             print("\n".join(plan_lines(sub)), flush=True)

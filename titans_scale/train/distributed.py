@@ -1,8 +1,9 @@
 """Who this process is in the world, and the process groups that DeepSpeed and the parallel layers share.
 
-The groups come from megatron-core's ``parallel_state`` (tensor parallel x sequence/context parallel x data
-parallel); DeepSpeed sees them through ``MegatronGroups``, so ZeRO partitions over the data-parallel ranks
-and tensor/sequence parallelism compose with it.
+When the model is split (tensor or sequence parallel), the groups come from megatron-core's
+``parallel_state`` (tensor parallel x sequence/context parallel x data parallel); DeepSpeed sees them
+through ``MegatronGroups``, so ZeRO partitions over the data-parallel ranks and tensor/sequence parallelism
+compose with it. A purely data-parallel world uses DeepSpeed's own group of all ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -93,8 +95,11 @@ def skip_shm_op() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
-def init_distributed(parallel: ParallelConfig) -> World:
-    """Join the process group (gloo on CPU, nccl on GPU) and build the megatron-core parallel groups."""
+def init_distributed(parallel: ParallelConfig, megatron: bool | None = None) -> World:
+    """Join the process group (gloo on CPU, nccl on GPU) and, when the model is split (tp x sp > 1, or
+    ``megatron=True``), build megatron-core's tensor / sequence (context) / data-parallel groups. A purely
+    data-parallel world needs none: DeepSpeed's own data-parallel group is then the same (every rank), and
+    not importing megatron-core saves about 5 s per process."""
     env = launcher_env() or {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                              "MASTER_PORT": str(free_port())}
     os.environ.update(env)
@@ -107,25 +112,39 @@ def init_distributed(parallel: ParallelConfig) -> World:
     else:
         skip_shm_op()
     import deepspeed
-    from megatron.core import parallel_state
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tp, context_parallel_size=parallel.sp, create_gloo_process_groups=False
-    )
-    return World(
-        rank=rank, local_rank=local_rank, world_size=world_size,
-        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
-    )
+    dp_rank, dp_size = rank, world_size
+    if megatron or (megatron is None and parallel.tp * parallel.sp > 1):
+        from megatron.core import parallel_state
+
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp, context_parallel_size=parallel.sp, create_gloo_process_groups=False
+        )
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    return World(rank=rank, local_rank=local_rank, world_size=world_size, dp_rank=dp_rank, dp_size=dp_size,
+                 device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def megatron_groups() -> "MegatronGroups | None":
+    """DeepSpeed's ``mpu``: megatron-core's groups when they were built, else None (DeepSpeed's own)."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is None or not parallel_state.model_parallel_is_initialized():
+        return None
+    return MegatronGroups()
+
+
+def gradient_group():
+    """The ranks whose gradients are averaged (data x sequence parallel); None = every rank."""
+    groups = megatron_groups()
+    return None if groups is None else groups.get_data_parallel_group()
 
 
 def shutdown() -> None:
     """Leave the process groups (without it, gloo runs sometimes abort at exit)."""
     if dist.is_available() and dist.is_initialized():
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
+        if megatron_groups() is not None:
+            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
         dist.destroy_process_group()
 
 

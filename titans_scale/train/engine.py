@@ -2,8 +2,9 @@
 
 One optimizer step = ``grad_accum`` micro-batches of ``micro_batch`` sequences on each of ``dp`` data-parallel
 ranks, ``global_batch_tokens`` tokens in all. DeepSpeed owns the optimizer (torch's AdamW unless the recipe
-picks DeepSpeed's), the cosine schedule, gradient clipping, ZeRO partitioning and bf16; the process groups
-are megatron-core's (``distributed.py``), so tensor and sequence parallelism compose with ZeRO.
+picks DeepSpeed's), the cosine schedule, gradient clipping, ZeRO partitioning and bf16; when the model is
+split, the process groups are megatron-core's (``distributed.py``), so tensor and sequence parallelism
+compose with ZeRO.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torch import nn
 from titans_scale.config import ConfigError, RunConfig, data_parallel_size, to_dict
 
 from .checkpoint import Checkpointer, atomic_write, check_resumable, export_model, find_checkpoint, resolve_resume
+from .distributed import gradient_group
 from .metrics import RunLog, default_peak_flops, human, say
+from .requeue import RequeueHandler
 from .schedule import build_scheduler, cosine_with_warmup
 
 
@@ -50,6 +53,9 @@ def make_plan(cfg: RunConfig, world_size: int) -> Plan:
     """Batch arithmetic and the checkpoint to resume; every mismatch is a ConfigError naming the fix."""
     t = cfg.train
     dp = data_parallel_size(cfg.parallel, world_size)
+    if cfg.parallel.tp * cfg.parallel.sp > 1:  # until the engine applies titans_scale.parallel (see report)
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp}, parallel.sp={cfg.parallel.sp}: the training engine does not "
+                          f"split the model yet (titans_scale.parallel.parallelize); train with tp=1 sp=1 for now")
     seq_len = cfg.data.seq_len
     per_accum = t.micro_batch * seq_len * dp
     if t.global_batch_tokens % per_accum:
@@ -161,11 +167,11 @@ def deepspeed_config(cfg: RunConfig, plan: Plan, bf16: bool) -> dict:
 
 
 def build_engine(model: nn.Module, cfg: RunConfig, plan: Plan, device: torch.device):
-    """``deepspeed.initialize`` with our optimizer, schedule and megatron-core's groups."""
+    """``deepspeed.initialize`` with our optimizer, schedule and (when built) megatron-core's groups."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from .distributed import MegatronGroups
+    from .distributed import megatron_groups
 
     ds_logger.setLevel(logging.WARNING)
     t = cfg.train
@@ -180,7 +186,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, plan: Plan, device: torch.dev
         model_parameters=groups if optimizer is None else None,
         lr_scheduler=lambda opt: build_scheduler(opt, **schedule),
         config=deepspeed_config(cfg, plan, uses_bf16(cfg, device)),
-        mpu=MegatronGroups(),
+        mpu=megatron_groups(),
         dist_init_required=False,
     )
     return engine
@@ -203,8 +209,6 @@ class Trainer:
     """One run on this rank: the DeepSpeed engine, the data, checkpoints and the log."""
 
     def __init__(self, cfg: RunConfig, plan: Plan, world):
-        from megatron.core import parallel_state
-
         from titans_scale import data
         from titans_scale.models import build_model, model_stats
 
@@ -214,7 +218,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model)
         self.engine = build_engine(self.model, cfg, plan, world.device)
-        self.dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.dp_group = gradient_group()
         loader_args = dict(micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size)
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, world.rank, world.world_size)
         self.step, self.tokens = 0, 0
@@ -267,14 +271,16 @@ class Trainer:
         self.checkpointer.save(self.engine, step=self.step, tokens=self.tokens, train_loader=self.train_loader,
                                config=self.config_dict)
 
-    def fit(self) -> dict:
-        """Train to the last step, validating and saving on schedule; validate and save once more at the end."""
+    def fit(self, stop=None) -> dict:
+        """Train to the last step, validating and saving on schedule; validate once more at the end. With a
+        ``RequeueHandler`` (``stop``), the ranks check after every step whether the job is ending; if so they
+        save a checkpoint together and return early with ``stopped`` set to the signal."""
         t, plan = self.cfg.train, self.plan
 
         def due(every: int) -> bool:  # a periodic event at this step (the last step has its own)
             return bool(every) and self.step % every == 0 and self.step < plan.total_steps
 
-        result = {"first_val_loss": None, "val_loss": None}
+        result = {"first_val_loss": None, "val_loss": None, "stopped": None}
         if self.step == 0 and t.eval_batches:
             result["first_val_loss"] = self.validate()
             self.log.validation(0, result["first_val_loss"])
@@ -292,22 +298,28 @@ class Trainer:
                 self.log.validation(self.step, self.validate())
             if due(t.checkpoint_every):
                 self.save()
+            if stop is not None and stop.agree(self.world.device) and self.step < plan.total_steps:
+                if self.world.is_main:
+                    say(f"[stop]  {stop.reason}: saving a checkpoint at step {self.step}/{plan.total_steps}")
+                self.save()  # (a no-op if this step's checkpoint was just written)
+                return {**result, "stopped": stop.stopped, "step": self.step, "tokens": self.tokens}
         if t.eval_batches:
             result["val_loss"] = self.validate()
             self.log.validation(self.step, result["val_loss"])
-        self.save()
         return {**result, "step": self.step, "tokens": self.tokens}
 
-    def export_and_sample(self) -> None:
-        """model.pt for evaluation and generation, then (rank 0) a short sample from it."""
-        if not self.cfg.train.export:
-            return
+    def finish(self) -> None:
+        """model.pt (for evaluation and generation), the final checkpoint, then (rank 0) a short sample.
+        The model file comes first: a run killed while saving its last checkpoint has already exported
+        the finished weights, and its resume rewrites the same file."""
         path = self.run_dir / "model.pt"
-        export_model(self.model, self.cfg.model, path)
-        if self.world.is_main:
-            say(f"[done]  model written to {path}")
-            if self.cfg.train.sample_tokens:
-                say(f"[sample] {sample_text(path, self.cfg)!r}")
+        if self.cfg.train.export:
+            export_model(self.model, self.cfg.model, path)
+            if self.world.is_main:
+                say(f"[done]  model written to {path}")
+        self.save()
+        if self.world.is_main and self.cfg.train.export and self.cfg.train.sample_tokens:
+            say(f"[sample] {sample_text(path, self.cfg)!r}")
 
     def close(self) -> None:
         self.log.close()
@@ -340,19 +352,27 @@ def checked_plan(cfg: RunConfig, world) -> Plan:
 
 
 def train(cfg: RunConfig) -> dict:
-    """The main job, on every rank: join the groups, check, train, validate, save, export, sample, leave."""
+    """The main job, on every rank: join the groups, check, train, validate, save, export, sample, leave.
+    Returns the step, tokens, first and last validation loss, and ``stopped``: the signal a Slurm job's end
+    stopped the run on (after a checkpoint), or None when it finished."""
     from .distributed import init_distributed, shutdown
 
     world = init_distributed(cfg.parallel)
     try:
         plan = checked_plan(cfg, world)
         started = time.time()
-        trainer = Trainer(cfg, plan, world)
-        try:
-            result = trainer.fit()
-            trainer.export_and_sample()
-        finally:
-            trainer.close()
+        with RequeueHandler() as stop:  # before the loaders fork their workers: they inherit the handlers
+            trainer = Trainer(cfg, plan, world)
+            try:
+                result = trainer.fit(stop)
+                if result["stopped"] is None:
+                    trainer.finish()
+            finally:
+                trainer.close()
+            if result["stopped"] is not None:
+                if world.is_main:
+                    say(stop.requeue())  # submitit's handler, if it held the signal, requeues and exits here
+                return result
         if world.is_main:
             summary = f"[done]  {result['step']} steps, {human(result['tokens'])} tokens in {time.time() - started:.0f} s"
             if result["val_loss"] is not None:

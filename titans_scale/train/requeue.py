@@ -49,7 +49,8 @@ def signal_name(signum: int) -> str:
 
 class RequeueHandler:
     """Catches the end-of-job signals; ``agree()`` between steps says whether to stop, ``requeue()`` after
-    the checkpoint has the job run again. A context manager: leaving it restores the previous handlers (unless the run stopped).
+    the checkpoint has the job run again. A context manager: leaving it restores the previous handlers
+    (unless the run stopped).
 
     >>> with RequeueHandler() as requeue:
     ...     while step < total:
