@@ -117,8 +117,9 @@ stop_daemons() {
 }
 
 stop() {
-  if answers; then
+  if answers; then  # end the jobs first, so that slurmd reaps their steps
     scancel --user "$(id -un)" 2>/dev/null || true
+    for _ in $(seq 1 100); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
   fi
   stop_daemons
 }

@@ -88,6 +88,18 @@ def test_dry_run_prints_the_plan_and_the_gpu_hours(shards, capsys, tmp_path):
     assert not (tmp_path / "submitit").exists()
 
 
+def test_slurm_job_asks_for_one_task_per_gpu_a_warning_signal_and_requeue(shards, tmp_path):
+    """The sbatch file submitit writes for a paper recipe (rendered, not queued; the local Slurm runs of
+    tests/test_slurm.py exercise the same path with the sbatch scripts)."""
+    sub = submit.plan_submission(["recipe=mag_760m", "nodes=2", "partition=gpu", "account=proj", "time=1-00:00:00",
+                                  "dry_run=true", f"folder={tmp_path}", *paper_data(shards)])
+    text = submit.executor_for(sub.sc)._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8", "--time=1440",
+                 "--signal=USR2@180", "--requeue", "--open-mode=append", "--partition=gpu", "--account=proj",
+                 "--job-name=mag_760m"):
+        assert f"#SBATCH {line}\n" in text, (line, text)
+
+
 def task_pids(job) -> list[int]:
     """The task processes that submitit's local controller started (its children)."""
     pid = job._process.pid

@@ -48,6 +48,9 @@ def dry_run(cfg, world_size: int) -> None:
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip())
     print(f"[plan] {cfg.model.variant}: {human(params)} parameters, {human(3 * flops)} FLOPs per token (fwd+bwd) | "
           f"{plan.describe()}")
+    from titans_scale.submit import estimate_line
+
+    print(estimate_line(cfg, plan))  # GPU-hours at 40% MFU of an H100 (train.peak_flops for another GPU)
 
 
 def spawn_workers(argv: list[str], nproc: int) -> int:

@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -131,6 +132,13 @@ def _join(remote: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- dataset
+
+def _keep_parent_sigterm(worker_id: int) -> None:
+    """torch makes its workers exit on SIGTERM (a C handler, set before this runs). Slurm sends SIGTERM to
+    every process of a job step, and the rank must first finish its step and save (train/requeue.py): give
+    the workers the rank's own handling back. They still exit with the rank."""
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+
 class DataParallelStreamingDataset(streaming.StreamingDataset):
     """A StreamingDataset partitioned over an explicit data-parallel group.
 
@@ -171,6 +179,7 @@ class TokenLoader(streaming.StreamingDataLoader):
             pin_memory=torch.cuda.is_available(),
             # fork, as a launcher-started process would by default on Linux: a process that was itself
             # spawned would otherwise spawn its workers too, each re-importing torch and streaming
+            worker_init_fn=_keep_parent_sigterm,
             multiprocessing_context="fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None,
         )
         self.dp_size = dp_size

@@ -80,11 +80,11 @@ def free_port() -> int:
 def quiet_imports() -> None:
     """Silence import-time notices that say nothing to a user: DeepSpeed's 'no GPU found, using the CPU'
     megatron-core's 'Transformer Engine and Apex are not installed' (we use neither), torch's deprecation
-    notice for a collective DeepSpeed calls."""
+    notices for the collectives DeepSpeed calls (all_gather_into_tensor, reduce_scatter_tensor)."""
     import warnings
 
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")  # DeepSpeed's call
+    warnings.filterwarnings("ignore", message="`torch.distributed.[a-z_]+` is deprecated", category=FutureWarning)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
