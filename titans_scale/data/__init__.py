@@ -11,7 +11,7 @@ the module, as Python binds it).
 
 from __future__ import annotations
 
-import importlib
+from titans_scale._lazy import lazy_getattr
 
 _EXPORTS = {
     "DataConfig": "config",
@@ -37,9 +37,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

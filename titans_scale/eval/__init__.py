@@ -16,7 +16,7 @@ Names load on first use, so ``import titans_scale.eval`` stays light (no lm-eval
 
 from __future__ import annotations
 
-import importlib
+from titans_scale._lazy import lazy_getattr
 
 _EXPORTS = {
     "EvalError": "errors",
@@ -38,9 +38,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
