@@ -74,9 +74,10 @@ def speed(args) -> None:
         print(f"{v:>11} vs transformer at {longest}: {seconds['transformer'][longest] / seconds[v][longest]:.2f}x the tokens/s")
 
 
-def peak_rss_child(n: int, every: int) -> None:
+def peak_rss_child(n: int, every: int, blocks: bool) -> None:
     torch.manual_seed(0)
-    cfg = small_config("lmm", memory=MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=every))
+    cfg = small_config("lmm", memory=MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=every),
+                       activation_checkpointing=blocks)
     model = build_model(cfg)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model.loss(torch.randint(0, cfg.vocab_size, (1, n))).backward()
@@ -85,19 +86,22 @@ def peak_rss_child(n: int, every: int) -> None:
 
 
 def memory(args) -> None:
-    print(f"# peak RSS of one LMM training step (dim 128, 2 layers, 4 heads, chunk 16), fresh process per point")
-    print(f"{'N':>6} {'no recompute MB':>16} {f'every {args.every} MB':>14} {'ratio':>6}")
+    print("# peak RSS of one LMM training step (dim 128, 2 layers, 4 heads, chunk 16), fresh process per point;")
+    print(f"# memory.checkpoint_every={args.every} (chunk states), then with model.activation_checkpointing too (blocks)")
+    print(f"{'N':>6} {'no recompute MB':>16} {f'every {args.every} MB':>14} {'ratio':>6} {'+ blocks MB':>12} {'ratio':>6}")
     for n in args.lengths:
         row = []
-        for every in (0, args.every):
-            out = subprocess.run([sys.executable, __file__, "child", str(n), str(every)], capture_output=True, text=True, check=True)
+        for every, blocks in ((0, 0), (args.every, 0), (args.every, 1)):
+            out = subprocess.run([sys.executable, __file__, "child", str(n), str(every), str(blocks)],
+                                 capture_output=True, text=True, check=True)
             row.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
-        print(f"{n:>6} {row[0]:>16.0f} {row[1]:>14.0f} {row[1] / row[0]:>6.2f}", flush=True)
+        print(f"{n:>6} {row[0]:>16.0f} {row[1]:>14.0f} {row[1] / row[0]:>6.2f} {row[2]:>12.0f} {row[2] / row[0]:>6.2f}",
+              flush=True)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
-        peak_rss_child(int(sys.argv[2]), int(sys.argv[3]))
+        peak_rss_child(int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["speed", "memory"])

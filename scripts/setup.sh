@@ -15,3 +15,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[test,eval]'
   echo "$want" > "$stamp"
 fi
+# `lm_eval --model titans_scale` (lm-eval has no plugin discovery: a .pth start-up hook registers the class)
+[ -f "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/titans_scale_lm_eval.pth" ] ||
+  .venv/bin/python -m titans_scale.lm_eval_plugin >/dev/null

@@ -4,6 +4,11 @@ numbers lm-eval records are the model's own log-probabilities and greedy continu
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +130,22 @@ def test_lm_eval_finds_the_registered_model_class():
     from titans_scale.eval.harness import TitansHarnessLM
 
     assert get_model("titans_scale") is TitansHarnessLM
+
+
+def test_bare_lm_eval_command_finds_the_model(tmp_path, data_tokenizer_path):
+    """lm-eval's own command, ``lm_eval --model titans_scale ...``, in a fresh interpreter: the start-up
+    hook that scripts/setup.sh installs registers the class (lm-eval 0.4.13 has no plugin discovery)."""
+    from titans_scale.lm_eval_plugin import PTH_NAME
+
+    if not (Path(sysconfig.get_paths()["purelib"]) / PTH_NAME).exists():
+        pytest.skip(f"{PTH_NAME} not installed (scripts/setup.sh or python -m titans_scale.lm_eval_plugin writes it)")
+    tasks = harness_tasks(tmp_path)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    result = subprocess.run(
+        [str(lm_eval), "--model", "titans_scale", "--model_args",
+         f"checkpoint={eval_checkpoint(tmp_path)},tokenizer={data_tokenizer_path}", "--tasks", "tiny_choice",
+         "--include_path", str(tasks), "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tiny_choice" in result.stdout and "acc" in result.stdout, result.stdout

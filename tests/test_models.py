@@ -90,6 +90,27 @@ def test_pieces_and_single_tokens_equal_one_pass(variant, overrides):
             torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("variant", ["mac", "mag"])
+def test_activation_checkpointing_gives_identical_gradients(variant):
+    """Per-block recomputation (model.activation_checkpointing), with and without the memory's chunk-state
+    recomputation: the loss and every parameter's gradient equal those of the plain model exactly."""
+    tokens = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(3))
+
+    def gradients(**overrides):
+        model = tiny_model(variant, **overrides)
+        loss = model.loss(tokens)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss, grads = gradients()
+    for overrides in ({"activation_checkpointing": True},
+                      {"activation_checkpointing": True, "memory": MemoryConfig(chunk_size=4, checkpoint_every=2)}):
+        other_loss, other = gradients(**overrides)
+        assert torch.equal(loss, other_loss)
+        for name, g in grads.items():
+            assert torch.equal(g, other[name]), (overrides, name, (g - other[name]).abs().max())
+
+
 def test_detached_state_continues_the_sequence():
     model = tiny_model("mac")
     tokens = torch.randint(0, VOCAB, (1, 20))

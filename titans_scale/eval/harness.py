@@ -50,6 +50,9 @@ class TitansHarnessLM(TemplateLM):
         if unused:
             logging.getLogger(__name__).warning("titans_scale ignores model_args %s", ", ".join(sorted(unused)))
         path = model_path(checkpoint)
+        if device == "cuda:0" and not torch.cuda.is_available():  # lm-eval's default device, not the user's choice
+            logging.getLogger(__name__).warning("no GPU: titans_scale evaluates on the CPU (--device cpu)")
+            device = "cpu"
         self._device = resolve_device(device)
         self.model, self.cfg = load_checkpoint(path, self._device, dtype)
         self.tok = load_tokenizer(path, tokenizer, self.cfg.vocab_size)

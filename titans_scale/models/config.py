@@ -46,6 +46,9 @@ class ModelConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     init_std: float = 0.02
     norm_eps: float = 1e-5
+    # keep only each block's input in training and recompute the block in backward (with the memory's own
+    # memory.checkpoint_every, activation memory then grows with layers x N, not with everything inside)
+    activation_checkpointing: bool = False
 
     @property
     def head_dim(self) -> int:

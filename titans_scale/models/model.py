@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from titans_scale.memory import NeuralMemory
 
@@ -103,8 +104,12 @@ class TitansLM(nn.Module):
         layer_states = [None] * len(self.blocks) if state is None else state.layers
         x = self.embed(tokens)
         new_states = []
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, layer_state in zip(self.blocks, layer_states):
-            x, layer_state = block(x, layer_state, position)
+            if recompute:  # the block runs again in backward (same inputs, no randomness: the same values)
+                x, layer_state = checkpoint(block, x, layer_state, position, use_reentrant=False)
+            else:
+                x, layer_state = block(x, layer_state, position)
             new_states.append(layer_state)
         return self.norm(x), ModelState(position + tokens.shape[1], new_states)
 

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from titans_scale.config import ConfigError
+from types import SimpleNamespace
+
+from titans_scale.config import ConfigError, data_parallel_size
 
 SCHEMES = ("relay", "all_to_all")
 
 
 def check_world(world_size: int, tp: int, sp: int) -> int:
-    """dp = world / (tp x sp); refused when tp x sp does not divide the world."""
+    """dp = world / (tp x sp); refused when tp x sp does not divide the world (one message: the config's)."""
     if tp < 1 or sp < 1:
         raise ConfigError(f"parallel.tp={tp} and parallel.sp={sp} must be >= 1")
-    if world_size % (tp * sp):
-        raise ConfigError(
-            f"world size {world_size} is not dp x tp x sp: parallel.tp={tp} x parallel.sp={sp} = {tp * sp} does not "
-            f"divide it; change the number of processes or the parallel sizes"
-        )
-    return world_size // (tp * sp)
+    return data_parallel_size(SimpleNamespace(tp=tp, sp=sp), world_size)
 
 
 def check_model(cfg, tp: int, sp: int, scheme: str) -> None:
@@ -35,6 +32,11 @@ def check_model(cfg, tp: int, sp: int, scheme: str) -> None:
         padded = -(-cfg.vocab_size // tp) * tp
         raise ConfigError(f"model.vocab_size={cfg.vocab_size} is not divisible by parallel.tp={tp}: the vocabulary is "
                           f"split evenly; pad it, e.g. model.vocab_size={padded}")
+    if sp > 1 and cfg.activation_checkpointing:
+        raise ConfigError(
+            f"model.activation_checkpointing=true recomputes each block in backward, which would repeat the sequence-"
+            f"parallel hand-offs of parallel.sp={sp}; use memory.checkpoint_every (chunk-state recomputation) instead"
+        )
     heads = cfg.n_heads // tp
     if sp > 1 and scheme == "all_to_all" and cfg.memory_layer_set() and heads % sp:
         raise ConfigError(
@@ -86,12 +88,18 @@ def relays(cfg, sp: int, scheme: str) -> bool:
 
 
 def check_zero_stage(cfg, sp: int, scheme: str, zero_stage: int) -> None:
-    """ZeRO-3 gathers each layer's weights over the data-parallel group, which holds the SP ranks: the relay
-    keeps those at different layers, so in backward each would wait for the other."""
-    if zero_stage >= 3 and relays(cfg, sp, scheme):
+    """ZeRO-2 and ZeRO-3 act inside backward, per parameter, over the data-parallel group, which holds the SP
+    ranks: ZeRO-3 gathers each layer's weights there while the relay keeps those ranks at different layers (a
+    deadlock), and ZeRO-2's per-parameter reduction hooks do not see the gradients the relay's backward adds
+    to a parameter later (measured: training diverges from one process after the first step). ZeRO-1
+    reduces once after backward and is exact with the relay; all_to_all is exact with ZeRO-2 too."""
+    if zero_stage >= 2 and relays(cfg, sp, scheme):
         raise ConfigError(
-            f"train.zero_stage={zero_stage} gathers every layer's weights across the sequence-parallel ranks, which the relay "
-            f"keeps at different layers (a deadlock); use train.zero_stage<=2, or parallel.sp_scheme=all_to_all (not for MAC)"
+            f"train.zero_stage={zero_stage} does not compose with the sequence-parallel relay (parallel.sp={sp}, "
+            f"sp_scheme={scheme}"
+            + (", MAC blocks relay under all_to_all too" if scheme != "relay" else "")
+            + "): use train.zero_stage=1"
+            + (", or parallel.sp_scheme=all_to_all with train.zero_stage=2" if "mac" not in cfg.layer_kinds() else "")
         )
 
 

@@ -203,15 +203,22 @@ def full_state_dict(module: torch.nn.Module) -> dict | None:
 
     Parameters come from DeepSpeed's fp32 master copies (``safe_get_full_fp32_param``: ZeRO-1/2 fragments
     all-reduced, ZeRO-3 partitions gathered), so a bf16 run exports its exact optimizer weights; tied
-    parameters keep every name they have in ``state_dict``."""
+    parameters keep every name they have in ``state_dict``; tensor-parallel shards are joined (every rank
+    calls it), so a split model exports the single-process weights."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     rank0 = dist.get_rank() == 0
+    plan = getattr(module, "parallel", None)  # a tensor-parallel model: its shards are gathered over TP
     out, seen = {}, {}
     for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) not in seen:
             full = safe_get_full_fp32_param(param)
-            seen[id(param)] = (full if full is not None else param.detach().float()).cpu() if rank0 else None
+            full = full if full is not None else param.detach().float()
+            if plan is not None:
+                from titans_scale.parallel.tensor import full_tensor
+
+                full = full_tensor(full, param, plan.groups)
+            seen[id(param)] = full.cpu() if rank0 else None
         if rank0:
             out[name] = seen[id(param)]
     if not rank0:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
-from titans_scale.config import ConfigError, RunConfig, data_parallel_size, to_dict
+from titans_scale.config import ConfigError, RunConfig, to_dict
 
 from .checkpoint import Checkpointer, atomic_write, check_resumable, export_model, find_checkpoint, resolve_resume
 from .distributed import gradient_group
@@ -52,11 +52,10 @@ class Plan:
 def make_plan(cfg: RunConfig, world_size: int) -> Plan:
     """Batch arithmetic and the checkpoint to resume; every mismatch is a ConfigError naming the fix."""
     t = cfg.train
-    dp = data_parallel_size(cfg.parallel, world_size)
-    if cfg.parallel.tp * cfg.parallel.sp > 1:  # until the engine applies titans_scale.parallel (see report)
-        raise ConfigError(f"parallel.tp={cfg.parallel.tp}, parallel.sp={cfg.parallel.sp}: the training engine does not "
-                          f"split the model yet (titans_scale.parallel.parallelize); train with tp=1 sp=1 for now")
+    from titans_scale.parallel.checks import validate_parallel
+
     seq_len = cfg.data.seq_len
+    dp = validate_parallel(cfg.model, cfg.parallel, world_size, seq_len, t.zero_stage)  # heads / tp, chunks / sp, ...
     per_accum = t.micro_batch * seq_len * dp
     if t.global_batch_tokens % per_accum:
         lo = max(per_accum, t.global_batch_tokens // per_accum * per_accum)
@@ -166,6 +165,16 @@ def deepspeed_config(cfg: RunConfig, plan: Plan, bf16: bool) -> dict:
     return ds
 
 
+def split(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """The model split over the tensor- and sequence-parallel groups (``titans_scale.parallel``), from
+    outside: every rank builds the same plain model (same seed) and keeps its shards and its slice."""
+    if cfg.parallel.tp * cfg.parallel.sp == 1:
+        return model
+    from titans_scale.parallel import parallelize
+
+    return parallelize(model, cfg.parallel)
+
+
 def build_engine(model: nn.Module, cfg: RunConfig, plan: Plan, device: torch.device):
     """``deepspeed.initialize`` with our optimizer, schedule and (when built) megatron-core's groups."""
     import deepspeed
@@ -216,7 +225,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.config_dict = to_dict(cfg)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.model = build_model(cfg.model)
+        self.model = split(build_model(cfg.model), cfg)
         self.engine = build_engine(self.model, cfg, plan, world.device)
         self.dp_group = gradient_group()
         loader_args = dict(micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size)

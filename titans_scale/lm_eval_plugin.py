@@ -1,0 +1,68 @@
+"""Makes lm-eval's own command line know ``--model titans_scale`` (``lm_eval --model titans_scale ...``).
+
+lm-eval 0.4.13 looks models up only in its own registry, filled when ``lm_eval.models`` is imported, and
+discovers no plugins. A one-line ``titans_scale_lm_eval.pth`` file in site-packages (written by
+``scripts/setup.sh``, or by ``python -m titans_scale.lm_eval_plugin`` after a plain pip install) imports
+this module at interpreter start-up; it only adds an import hook (no torch, nothing else imported) that
+registers the model class, lazily by name, right after ``lm_eval.models`` has filled the registry.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+from pathlib import Path
+
+MODEL_NAME = "titans_scale"
+TARGET = "titans_scale.eval.harness:TitansHarnessLM"
+PTH_NAME = "titans_scale_lm_eval.pth"
+WATCHED = "lm_eval.models"
+
+
+def register() -> None:
+    """Register the model class under its name (a lazy placeholder: imported when lm-eval asks for it)."""
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=TARGET)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds ``lm_eval.models`` like the normal path finder, and registers once its module has run."""
+
+    def find_spec(self, name, path, target=None):
+        if name != WATCHED:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Called from the .pth file at start-up."""
+    if WATCHED in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+def write_pth(site_packages: str | None = None) -> Path:
+    """Write the .pth file into this interpreter's site-packages (or ``site_packages``)."""
+    import sysconfig
+
+    path = Path(site_packages or sysconfig.get_paths()["purelib"]) / PTH_NAME
+    path.write_text("import titans_scale.lm_eval_plugin as _titans_scale_lm_eval; _titans_scale_lm_eval.install()\n")
+    return path
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_pth()}: `lm_eval --model {MODEL_NAME} ...` now finds the titans_scale model")
