@@ -287,6 +287,8 @@ def test_world_size_4_tp_x_sp_and_tp_x_dp_with_deepspeed_match_one_process():
         (lambda p: p.validate_parallel(parallel_tiny("mag"), ParallelConfig(tp=2, sp=2), world_size=6), ["world size 6"]),
         (lambda p: p.check_zero_stage(parallel_tiny("mac"), 2, "all_to_all", 3), ["zero_stage=3", "zero_stage=1"]),
         (lambda p: p.check_zero_stage(parallel_tiny("mag"), 2, "relay", 2), ["zero_stage=2", "relay", "all_to_all"]),
+        (lambda p: p.check_model(parallel_tiny("mag", activation_checkpointing=True), 1, 2, "relay"),
+         ["activation_checkpointing", "sp=2", "checkpoint_every"]),
     ],
 )
 def test_bad_layouts_are_refused_with_one_line(call, words):
