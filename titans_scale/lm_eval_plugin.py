@@ -60,7 +60,9 @@ def write_pth(site_packages: str | None = None) -> Path:
     import sysconfig
 
     path = Path(site_packages or sysconfig.get_paths()["purelib"]) / PTH_NAME
-    path.write_text("import titans_scale.lm_eval_plugin as _titans_scale_lm_eval; _titans_scale_lm_eval.install()\n")
+    # one line starting with "import" (site.py executes those); silent when titans_scale is gone
+    path.write_text('import importlib.util as _u; _u.find_spec("titans_scale") and '
+                    '__import__("titans_scale.lm_eval_plugin").lm_eval_plugin.install()\n')
     return path
 
 
