@@ -185,7 +185,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(shards, 
 
 # Adam's eps raised so the update stays linear in the gradient (see the accumulation test below): the
 # parallel runs then differ from one process by float32 rounding only
-SPLIT_RUN = dict(train__steps=K, train__eps=1e-3, train__checkpoint_every=0, train__eval_every=0)
+SPLIT_RUN = dict(train__steps=K, train__eps=1e-3, train__checkpoint_every=K - 1, train__eval_every=0)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,8 @@ def one_process_run(tmp_path_factory, shards) -> Path:
 def test_tensor_and_sequence_parallel_training_matches_one_process(layout, shards, one_process_run, tmp_path):
     """The engine splits the model (TP: heads and memories over 2 ranks; SP: the sequence's memory chunks,
     relayed) and trains the same global batches: per-step losses, the validation loss and the exported
-    single-process weights equal those of one process up to float32 rounding."""
+    single-process weights equal those of one process up to float32 rounding; under TP, resuming from the
+    sharded checkpoint continues bit-identically."""
     result = train_launch(train_args(shards, tmp_path, **SPLIT_RUN, **layout), world=2)
     assert result.returncode == 0, result
     assert "(dp 1)" in result.stdout, result.stdout
@@ -224,6 +225,14 @@ def test_tensor_and_sequence_parallel_training_matches_one_process(layout, shard
     worst = max(((mine[n] - one[n]).norm().item() / (one[n] - p).norm().item(), n) for n, p in initial.items())
     print(f"{layout}: worst |update - one process's| / |update| over the exported weights {worst[0]:.1e} ({worst[1]})")
     assert worst[0] < 2e-2, worst
+    if "parallel__tp" in layout:  # resumed from the TP-sharded checkpoint of step K - 1: bit-identical
+        resumed = tmp_path / "resumed"
+        checkpoint = tmp_path / "checkpoints" / f"step_{K - 1:08d}"
+        result = train_launch(train_args(shards, resumed, **SPLIT_RUN, **layout, resume=checkpoint), world=2)
+        assert result.returncode == 0, result
+        again = train_metrics(resumed)
+        assert again["loss"] == {K: b["loss"][K]} and again["val_loss"][K] == b["val_loss"][K]
+        assert_same_params(train_params(resumed), mine)
 
 
 def test_refuses_a_checkpoint_of_another_model(shards, straight_runs):
