@@ -44,6 +44,14 @@ def test_world_that_does_not_fit_is_refused(overrides, needles, shards, tmp_path
     assert_refused_before_training(train_launch(train_args(shards, tmp_path, **overrides)), *needles)
 
 
+def test_a_data_dir_that_does_not_exist_is_refused(shards, tmp_path):  # noqa: F811
+    """A mistyped data.data_dir is an error, not a run on the bundled sample prepared into it."""
+    missing = tmp_path / "shardz"
+    result = train_launch(train_args(shards, tmp_path / "run", data__data_dir=missing))
+    assert_refused_before_training(result, f"data.data_dir={missing} does not exist", "data.corpus=GLOB")
+    assert not missing.exists()
+
+
 def test_shards_of_another_tokenizer_are_refused(shards, tmp_path):  # noqa: F811
     from titans_scale.data.tokenizer import train_tokenizer
 

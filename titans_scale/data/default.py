@@ -16,7 +16,8 @@ from .tokenizer import Tokenizer, train_tokenizer
 
 def ensure_default_data(cfg: DataConfig, *, progress: bool = True) -> Path:
     """The prepared-shards directory of `cfg`, preparing it first when it does not exist yet: corpus =
-    cfg.corpus or the bundled sample; tokenizer = the one cfg names if it exists, else one trained here
+    cfg.corpus or the bundled sample (the sample only into the automatic directory: a data_dir the user
+    named must exist unless a corpus is given too); tokenizer = the one cfg names if it exists, else one trained here
     (cfg.vocab_size) and written there. Safe to call from every process of a machine at once (a file lock serializes them);
     on several machines without a shared file system, call it on each. Remote data is never prepared."""
     validate_data_config(cfg)
@@ -29,6 +30,12 @@ def ensure_default_data(cfg: DataConfig, *, progress: bool = True) -> Path:
             return data_dir
         if data_dir.exists():
             raise DataError(f"{data_dir} exists but holds no {META_NAME}: not prepared data; remove it or point data.data_dir elsewhere")
+        if cfg.data_dir and not cfg.corpus:  # a path the user named: a typo must not become a sample run
+            raise DataError(
+                f"data.data_dir={cfg.data_dir} does not exist; point it at prepared shards (python -m "
+                f"titans_scale.data.prepare --corpus ... --tokenizer ... --seq-len {cfg.seq_len} --out {cfg.data_dir}), "
+                f"add data.corpus=GLOB to prepare them there now, or leave data.data_dir unset for the bundled sample"
+            )
         if cfg.corpus:
             corpus: str = cfg.corpus
         else:
