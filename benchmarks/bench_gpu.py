@@ -73,6 +73,15 @@ def exactness(dev, n: int) -> None:
           f"gradient cosine {cos:.5f}, memory state dtype {mem_state}")
 
 
+def within_budget(lengths, budget: float):
+    """The lengths to run, until the script has used ``budget`` seconds."""
+    for n in lengths:
+        if time.time() - START > budget:
+            print(f"# budget reached: lengths from {n} skipped")
+            return
+        yield n
+
+
 def timed(fn, repeats: int = 2) -> float:
     fn()  # warm-up (compilation, autotuning)
     sync()
@@ -92,10 +101,7 @@ def layer_speed(dev, lengths, budget) -> None:
     paths["compiled"] = replace(paths["eager"], compile=True)
     print(f"{'N':>6} " + " ".join(f"{p:>10}" for p in paths))
     seconds = {p: {} for p in paths}
-    for n in lengths:
-        if time.time() - START > budget:
-            print(f"# budget reached: lengths from {n} skipped")
-            break
+    for n in within_budget(lengths, budget):
         x = torch.randn(1, n, 256, device=dev)
         for p, cfg in paths.items():
             torch.manual_seed(0)
@@ -133,10 +139,7 @@ def model_speed(dev, lengths, budget) -> None:
           f"fused memory kernel, ~{target / 1e6:.0f}M parameters each")
     print(f"{'N':>6} " + " ".join(f"{v:>11}" for v in variants))
     seconds = {v: {} for v in variants}
-    for n in lengths:
-        if time.time() - START > budget:
-            print(f"# budget reached: lengths from {n} skipped")
-            break
+    for n in within_budget(lengths, budget):
         tokens = torch.randint(0, 32000, (1, n + 1), device=dev)
         for v in variants:
             torch.manual_seed(0)

@@ -265,7 +265,9 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
-    """dp = world / (tp * sp), refused when it does not divide."""
+    """dp = world / (tp * sp), refused when it does not divide (the one world check, also of the parallel API)."""
+    if parallel.tp < 1 or parallel.sp < 1:
+        raise ConfigError(f"parallel.tp={parallel.tp} and parallel.sp={parallel.sp} must be >= 1")
     model_parallel = parallel.tp * parallel.sp
     if world_size % model_parallel:
         raise ConfigError(

@@ -13,7 +13,7 @@
 See docs/parallel.md.
 """
 
-from .checks import check_model, check_sequence, check_world, check_zero_stage, validate_parallel
+from .checks import check_model, check_sequence, check_zero_stage, validate_parallel
 from .groups import ParallelGroups, current_groups, init_parallel
 from .parallelize import ParallelPlan, full_parameters, parallelize
 
@@ -22,7 +22,6 @@ __all__ = [
     "ParallelPlan",
     "check_model",
     "check_sequence",
-    "check_world",
     "check_zero_stage",
     "current_groups",
     "full_parameters",

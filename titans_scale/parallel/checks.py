@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from titans_scale.config import ConfigError, data_parallel_size
 
 SCHEMES = ("relay", "all_to_all")
-
-
-def check_world(world_size: int, tp: int, sp: int) -> int:
-    """dp = world / (tp x sp); refused when tp x sp does not divide the world (one message: the config's)."""
-    if tp < 1 or sp < 1:
-        raise ConfigError(f"parallel.tp={tp} and parallel.sp={sp} must be >= 1")
-    return data_parallel_size(SimpleNamespace(tp=tp, sp=sp), world_size)
 
 
 def check_model(cfg, tp: int, sp: int, scheme: str) -> None:
@@ -107,7 +98,7 @@ def validate_parallel(model_cfg, parallel_cfg, world_size: int | None = None, se
                       zero_stage: int | None = None) -> int | None:
     """The start-up check of a run's layout; returns the data-parallel size when the world size is given."""
     tp, sp, scheme = parallel_cfg.tp, parallel_cfg.sp, parallel_cfg.sp_scheme
-    dp = check_world(world_size, tp, sp) if world_size is not None else None
+    dp = data_parallel_size(parallel_cfg, world_size) if world_size is not None else None
     check_model(model_cfg, tp, sp, scheme)
     if seq_len is not None:
         check_sequence(model_cfg, seq_len, tp, sp, scheme, bool(getattr(parallel_cfg, "sequence_parallel", False)))

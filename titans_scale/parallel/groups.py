@@ -16,9 +16,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from titans_scale.config import ConfigError
+from titans_scale.config import ConfigError, ParallelConfig, data_parallel_size
 
-from .checks import check_world
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def init_parallel(tp: int = 1, sp: int = 1) -> ParallelGroups:
 
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("init_parallel needs torch.distributed initialised first (torchrun, deepspeed, or parallel.spawn)")
-    check_world(dist.get_world_size(), tp, sp)
+    data_parallel_size(ParallelConfig(tp=tp, sp=sp), dist.get_world_size())
     if ps.model_parallel_is_initialized():
         if (ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()) == (tp, sp):
             return current_groups()

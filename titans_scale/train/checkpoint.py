@@ -209,14 +209,14 @@ def full_state_dict(module: torch.nn.Module) -> dict | None:
 
     rank0 = dist.get_rank() == 0
     plan = getattr(module, "parallel", None)  # a tensor-parallel model: its shards are gathered over TP
+    if plan is not None:
+        from titans_scale.parallel.tensor import full_tensor
     out, seen = {}, {}
     for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) not in seen:
             full = safe_get_full_fp32_param(param)
             full = full if full is not None else param.detach().float()
             if plan is not None:
-                from titans_scale.parallel.tensor import full_tensor
-
                 full = full_tensor(full, param, plan.groups)
             seen[id(param)] = full.cpu() if rank0 else None
         if rank0:

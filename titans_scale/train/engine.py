@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from titans_scale.config import ConfigError, RunConfig, to_dict
+from titans_scale.parallel import parallelize, validate_parallel
 
 from .checkpoint import Checkpointer, atomic_write, check_resumable, export_model, find_checkpoint, resolve_resume
 from .distributed import gradient_group
@@ -52,8 +53,6 @@ class Plan:
 def make_plan(cfg: RunConfig, world_size: int) -> Plan:
     """Batch arithmetic and the checkpoint to resume; every mismatch is a ConfigError naming the fix."""
     t = cfg.train
-    from titans_scale.parallel.checks import validate_parallel
-
     seq_len = cfg.data.seq_len
     dp = validate_parallel(cfg.model, cfg.parallel, world_size, seq_len, t.zero_stage)  # heads / tp, chunks / sp, ...
     per_accum = t.micro_batch * seq_len * dp
@@ -165,16 +164,6 @@ def deepspeed_config(cfg: RunConfig, plan: Plan, bf16: bool) -> dict:
     return ds
 
 
-def split(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """The model split over the tensor- and sequence-parallel groups (``titans_scale.parallel``), from
-    outside: every rank builds the same plain model (same seed) and keeps its shards and its slice."""
-    if cfg.parallel.tp * cfg.parallel.sp == 1:
-        return model
-    from titans_scale.parallel import parallelize
-
-    return parallelize(model, cfg.parallel)
-
-
 def build_engine(model: nn.Module, cfg: RunConfig, plan: Plan, device: torch.device):
     """``deepspeed.initialize`` with our optimizer, schedule and (when built) megatron-core's groups."""
     import deepspeed
@@ -225,7 +214,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.config_dict = to_dict(cfg)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.model = split(build_model(cfg.model), cfg)
+        # every rank builds the same plain model (same seed), then keeps its TP shards and SP slice
+        self.model = parallelize(build_model(cfg.model), cfg.parallel)
         self.engine = build_engine(self.model, cfg, plan, world.device)
         self.dp_group = gradient_group()
         loader_args = dict(micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size)
