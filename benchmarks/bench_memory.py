@@ -3,6 +3,9 @@ reference and (when installed: `pip install titans-pytorch==0.5.5`) the peer pac
 
     python benchmarks/bench_memory.py [--lengths 1024 2048 4096 8192 16384] [--rounds 3] [--peer-lengths 1024]
 
+Columns: the default path (hand-written backward, every chunk state kept), with chunk-state recomputation,
+and with autograd's backward through each chunk step instead (the path before the hand-written one).
+
 Config (issue 2): dim 256, 4 heads, depth 2, expansion 4, chunk 16, batch 1, fp32, CPU threads as set
 by OMP_NUM_THREADS / torch defaults.
 """
@@ -44,8 +47,18 @@ def layer(every: int = 0) -> NeuralMemory:
     return NeuralMemory(DIM, HEADS, MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=every))
 
 
+AUTOGRAD = -1  # a config code: every chunk state kept, backward by autograd through each chunk step
+
+
 def child(n: int, every: int, repeats: int) -> None:
     torch.manual_seed(1)
+    if every == AUTOGRAD:
+        import functools
+
+        import titans_scale.memory.layer as layer_module
+
+        layer_module.chunked_memory = functools.partial(layer_module.chunked_memory, hand_backward=False)
+        every = 0
     memory = layer(every)
     print(json.dumps(time_fwd_bwd(lambda xi: memory(xi)[0], torch.randn(1, n, DIM), repeats)))
 
@@ -62,6 +75,8 @@ def main() -> None:
                         help="the peer needs ~10 GB at 1K and more than 23 GB at 2K (killed here)")
     parser.add_argument("--every", type=int, nargs="*", default=[16],
                         help="also time memory.checkpoint_every = k (chunk-state recomputation)")
+    parser.add_argument("--no-autograd", action="store_true",
+                        help="skip the column with autograd's backward in place of the hand-written one")
     parser.add_argument("--reference-length", type=int, default=256)
     args = parser.parse_args()
 
@@ -81,7 +96,7 @@ def main() -> None:
     # the layer as configured (every chunk state kept) and with chunk-state recomputation (bounded memory),
     # each point in a fresh process: in one long-lived process glibc's heap, shaped by the earlier (other)
     # lengths, made the same step up to 1.5x slower per token at 16K than in a process of its own
-    configs = [0, *args.every]
+    configs = [0, *args.every] + ([] if args.no_autograd else [AUTOGRAD])
     wall = {(e, n): float("inf") for e in configs for n in args.lengths}
     cpu = dict(wall)
     for _ in range(args.rounds):  # rounds over all lengths: a slow spell of the machine hits every length
@@ -92,10 +107,13 @@ def main() -> None:
                 t, c = json.loads(out.stdout.strip().splitlines()[-1])
                 wall[e, n], cpu[e, n] = min(wall[e, n], t), min(cpu[e, n], c)
     every_cols = "".join(f" {f'every={e} tok/s':>15}" for e in args.every)
-    print(f"{'N':>6} {'ours tok/s':>11} {'CPU ms/tok':>10}{every_cols} {'peer tok/s':>11} {'ours/peer':>9}")
+    auto_cols = "" if args.no_autograd else f" {'autograd tok/s':>14} {'hand/autograd':>13}"
+    print(f"{'N':>6} {'ours tok/s':>11} {'CPU ms/tok':>10}{every_cols}{auto_cols} {'peer tok/s':>11} {'ours/peer':>9}")
     for n in args.lengths:
         line = f"{n:>6} {n / wall[0, n]:>11.0f} {1e3 * cpu[0, n] / n:>10.3f}"
         line += "".join(f" {n / wall[e, n]:>15.0f}" for e in args.every)
+        if not args.no_autograd:
+            line += f" {n / wall[AUTOGRAD, n]:>14.0f} {wall[AUTOGRAD, n] / wall[0, n]:>12.2f}x"
         if peer is not None and n in args.peer_lengths:
             tp, _ = time_fwd_bwd(lambda xi: peer(xi)[0], torch.randn(1, n, dim), max(1, args.repeats - 1))
             line += f" {n / tp:>11.0f} {tp / wall[0, n]:>8.1f}x"

@@ -110,12 +110,12 @@ def memory_read(z: Tensor, weights: tuple[Tensor, ...] | list[Tensor], ln: tuple
     return z + _layer_norm(h, ln, eps)
 
 
-def _inner_gradient(k: Tensor, v: Tensor, weights, ln, eps):
+def _inner_gradient(k: Tensor, v: Tensor, weights, ln, eps, cache: dict | None = None):
     """Analytic backprop of ``||M_W(k) - v||^2`` at ``W``: the inputs ``h`` and output-gradients ``delta``
     of every layer, so that ``grad_W^(l) = sum_i delta_i^(l) h_i^(l)T`` (rank 1 per token).
 
     Written with ATen's fused LayerNorm and GELU backward kernels (both twice differentiable), so that the
-    outer autograd sees few, large operations."""
+    outer autograd sees few, large operations. ``cache`` (a dict) receives what ``_chunk_backward`` needs."""
     depth = len(weights)
     inputs, pre = [k], []
     h = k
@@ -133,10 +133,16 @@ def _inner_gradient(k: Tensor, v: Tensor, weights, ln, eps):
         a_hat, mean, rstd = torch.native_layer_norm(a, shape, None, None, eps)
         g = 2.0 * (k + a_hat * gamma + beta - v) * gamma
         delta = torch.ops.aten.native_layer_norm_backward(g, a, shape, mean, rstd, None, None, [True, False, False])[0]
-    deltas = [delta]
+        if cache is not None:
+            cache["inner_ln"] = (a_hat, rstd, g)
+    deltas, back = [delta], []
     for layer in range(depth - 1, 0, -1):
-        delta = torch.ops.aten.gelu_backward(delta @ weights[layer], pre[layer - 1])
+        u = delta @ weights[layer]
+        delta = torch.ops.aten.gelu_backward(u, pre[layer - 1])
         deltas.append(delta)
+        back.append(u)
+    if cache is not None:
+        cache.update(inputs=inputs, pre=pre, deltas=deltas[::-1], back=back[::-1])
     return inputs, deltas[::-1]
 
 
@@ -195,17 +201,17 @@ def layer_update(r, w, s, h, delta, A, Bm, mixing, ends, D):
     return z, w_end, s_end
 
 
-def _chunk_step(weights, momenta, q, k, v, A, Bm, C, P, ends, D, ln, eps, fused=False):
+def _chunk_step(weights, momenta, q, k, v, A, Bm, C, P, ends, D, ln, eps, fused=False, cache=None):
     """One chunk: inner gradients at the chunk-start weights, dual-form reads of every ``W_t``, and the
     state at the chunk's end. Flattened over (batch, head): q/k/v (BH, b, d); ``P = C * (q k^T)`` is the
     first layer's read mixing, which needs no weights and is computed for all chunks at once.
-    ``momenta`` is empty without momentum."""
-    inputs, deltas = _inner_gradient(k, v, weights, ln, eps)
+    ``momenta`` is empty without momentum; ``cache`` (a dict) receives what ``_chunk_backward`` needs."""
+    inputs, deltas = _inner_gradient(k, v, weights, ln, eps, cache)
     update = layer_update
     if fused:
         from .triton_kernels import fused_layer_update as update
     r = q
-    new_w, new_s = [], []
+    new_w, new_s, reads, mixings = [], [], [], []
     for layer in range(len(weights)):
         mixing = P if layer == 0 else C * (r @ inputs[layer].transpose(-1, -2))
         s = momenta[layer] if momenta else None
@@ -213,27 +219,31 @@ def _chunk_step(weights, momenta, q, k, v, A, Bm, C, P, ends, D, ln, eps, fused=
         new_w.append(w_end)
         if s_end is not None:
             new_s.append(s_end)
+        reads.append((r, z))
+        mixings.append(mixing)
         r = F.gelu(z) if layer < len(weights) - 1 else z
+    if cache is not None:
+        cache.update(reads=reads, mixings=mixings)
     y = r if ln is None else q + _layer_norm(r, ln, eps)
     return y, new_w, new_s
 
 
-_compiled_chunk_step = None
+_compiled: dict = {}
 
 
-def compiled_chunk_step():
-    """``_chunk_step`` through torch.compile (Inductor fuses its elementwise work); built on first use."""
-    global _compiled_chunk_step
-    if _compiled_chunk_step is None:
-        _compiled_chunk_step = torch.compile(_chunk_step, dynamic=False)
-    return _compiled_chunk_step
+def compiled(fn):
+    """``fn`` (``_chunk_step`` or ``_chunk_backward``) through torch.compile, built on first use: Inductor
+    fuses the elementwise work and removes the per-operation overhead of the small per-chunk tensors."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
 
 
 def _chunk_group(depth, n_state, ln, eps, compile_step, fused, *tensors):
     """Runs consecutive chunks; a separate function so that it can be recomputed in backward.
     ``tensors``: the ``n_state`` state tensors (W per layer, then S per layer), then the per-chunk inputs."""
     weights, momenta = list(tensors[:depth]), list(tensors[depth:n_state])
-    step = compiled_chunk_step() if compile_step else _chunk_step
+    step = compiled(_chunk_step) if compile_step else _chunk_step
     # unbind, not indexing: the backward of N/b index ops would allocate N/b full-size gradients.
     per_chunk = zip(*(t.unbind(1) for t in tensors[n_state:]))
     ys = []
@@ -241,6 +251,192 @@ def _chunk_group(depth, n_state, ln, eps, compile_step, fused, *tensors):
         y, weights, momenta = step(weights, momenta, *chunk, ln, eps, fused)
         ys.append(y)
     return (torch.stack(ys, 1), *weights, *momenta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hand-written backward of the chunk scan (the default eager path)
+
+
+def _project_out(u: Tensor, a_hat: Tensor) -> Tensor:
+    """``u - mean(u) - a_hat mean(u a_hat)`` over the last dim: LayerNorm's backward without ``rstd``
+    (a symmetric linear map of ``u``, so it is its own transpose)."""
+    return u - u.mean(-1, keepdim=True) - a_hat * (u * a_hat).mean(-1, keepdim=True)
+
+
+def _gelu_second(x: Tensor) -> Tensor:
+    """``gelu''(x) = phi(x) (2 - x^2)`` for the exact (erf) GELU."""
+    return torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi)) * (2.0 - x * x)
+
+
+def _chunk_backward(weights, momenta, q, k, v, A, Bm, C, P, ends, D, ln, eps, cache, gy, g_w, g_s):
+    """Gradients of one ``_chunk_step`` by hand: from those of its read ``gy`` and end state ``g_w``,
+    ``g_s`` to those of its start state and inputs. Replaces ~130 small autograd nodes per chunk (the
+    inner gradient's second derivative included) with the few matmuls below; ``cache`` is what the
+    forward kept. Returns (g_weights, g_momenta, g_inputs dict, g_gamma, g_beta)."""
+    depth = len(weights)
+    inputs, pre, deltas, back = cache["inputs"], cache["pre"], cache["deltas"], cache["back"]
+    reads, mixings = cache["reads"], cache["mixings"]
+    g_ends = ends.new_zeros(ends.shape)
+    g_D, g_A, g_Bm, g_C = D.new_zeros(D.shape), A.new_zeros(A.shape), Bm.new_zeros(Bm.shape), C.new_zeros(C.shape)
+    g_gamma = g_beta = None
+    z = reads[-1][1]
+    if ln is None:
+        gz, g_q = gy, torch.zeros_like(q)
+    else:
+        gamma, beta = ln
+        shape = z.shape[-1:]
+        z_hat, mean, rstd = torch.native_layer_norm(z, shape, None, None, eps)
+        g_gamma, g_beta = (gy * z_hat).sum(-2, keepdim=True), gy.sum(-2, keepdim=True)
+        gz = torch.ops.aten.native_layer_norm_backward(gy * gamma, z, shape, mean, rstd, None, None, [True, False, False])[0]
+        g_q = gy.clone()
+    g_weights, g_momenta, g_inputs, g_deltas = [None] * depth, [None] * depth, [None] * depth, [None] * depth
+    # The reads and the end-of-chunk state, layer by layer from the top (layer_update's backward).
+    for layer in range(depth - 1, -1, -1):
+        (r, _), h, delta, w = reads[layer], inputs[layer], deltas[layer], weights[layer]
+        s = momenta[layer] if momenta else None
+        gwe = g_w[layer]
+        g_wl = gwe * ends[:, 0, None, None]
+        g_ends[:, 0] += (gwe * w).sum((-1, -2))
+        t = h @ gwe.transpose(-1, -2)
+        g_delta = -t * D[..., 0:1]
+        g_D[..., 0] -= (t * delta).sum(-1)
+        g_h = -(delta * D[..., 0:1]) @ gwe
+        ag = A.unsqueeze(-1) * gz
+        g_wl += ag.transpose(-1, -2) @ r
+        g_r = ag @ w
+        g_A += (gz * (r @ w.transpose(-1, -2))).sum(-1)
+        if s is not None:
+            gse = g_s[layer]
+            g_sl = gwe * ends[:, 1, None, None] + gse * ends[:, 2, None, None]
+            g_ends[:, 1] += (gwe * s).sum((-1, -2))
+            g_ends[:, 2] += (gse * s).sum((-1, -2))
+            t = h @ gse.transpose(-1, -2)
+            g_delta -= t * D[..., 1:2]
+            g_D[..., 1] -= (t * delta).sum(-1)
+            g_h -= (delta * D[..., 1:2]) @ gse
+            bg = Bm.unsqueeze(-1) * gz
+            g_sl += bg.transpose(-1, -2) @ r
+            g_r += bg @ s
+            g_Bm += (gz * (r @ s.transpose(-1, -2))).sum(-1)
+            g_momenta[layer] = g_sl
+        g_mix = -(gz @ delta.transpose(-1, -2))
+        g_delta -= mixings[layer].transpose(-1, -2) @ gz
+        if layer == 0:
+            g_P = g_mix
+            g_q += g_r
+        else:
+            g_C += g_mix * (r @ h.transpose(-1, -2))
+            g_mix = g_mix * C
+            g_r += g_mix @ h
+            g_h += g_mix.transpose(-1, -2) @ r
+            gz = torch.ops.aten.gelu_backward(g_r, reads[layer - 1][1])
+        g_weights[layer], g_inputs[layer], g_deltas[layer] = g_wl, g_h, g_delta
+    # The inner gradient: delta_l = gelu'(a_l) * (delta_{l+1} W_{l+1}), from the bottom layer up.
+    g_pre = [None] * depth
+    for layer in range(depth - 1):
+        g_u = torch.ops.aten.gelu_backward(g_deltas[layer], pre[layer])
+        g_pre[layer] = g_deltas[layer] * back[layer] * _gelu_second(pre[layer])
+        g_deltas[layer + 1] += g_u @ weights[layer + 1].transpose(-1, -2)
+        g_weights[layer + 1] += deltas[layer + 1].transpose(-1, -2) @ g_u
+    g_top = g_deltas[-1]
+    g_k = torch.zeros_like(k)
+    if ln is None:  # delta = 2 (a - v)
+        g_pre[-1], g_v = 2.0 * g_top, -2.0 * g_top
+    else:  # delta = rstd * project_out(g), g = 2 (k + a_hat gamma + beta - v) gamma
+        a_hat, rstd, g = cache["inner_ln"]
+        g_g = rstd * _project_out(g_top, a_hat)
+        g_a_hat = -rstd * (g_top * (g * a_hat).mean(-1, keepdim=True) + g * (g_top * a_hat).mean(-1, keepdim=True))
+        g_rstd = (g_top * _project_out(g, a_hat)).sum(-1, keepdim=True)
+        two = 2.0 * g_g * gamma
+        g_k += two
+        g_v = -two
+        g_a_hat += two * gamma
+        g_gamma += (g_g * (2.0 * (k + a_hat * gamma + beta - v) + 2.0 * gamma * a_hat)).sum(-2, keepdim=True)
+        g_beta += two.sum(-2, keepdim=True)
+        g_pre[-1] = rstd * _project_out(g_a_hat, a_hat) - g_rstd * rstd * rstd * a_hat / a_hat.shape[-1]
+    # The forward of the memory MLP at the chunk-start weights: a_l = h_l W_l^T, h_{l+1} = gelu(a_l).
+    for layer in range(depth - 1, -1, -1):
+        g_weights[layer] += g_pre[layer].transpose(-1, -2) @ inputs[layer]
+        g_h = g_inputs[layer] + g_pre[layer] @ weights[layer]
+        if layer > 0:
+            g_pre[layer - 1] += torch.ops.aten.gelu_backward(g_h, pre[layer - 1])
+        else:
+            g_k += g_h
+    grads = dict(q=g_q, k=g_k, v=g_v, A=g_A, Bm=g_Bm, C=g_C, P=g_P, ends=g_ends, D=g_D)
+    return g_weights, [g for g in g_momenta if g is not None], grads, g_gamma, g_beta
+
+
+_PER_CHUNK = ("q", "k", "v", "A", "Bm", "C", "P", "ends", "D")
+
+
+class _MemoryScan(torch.autograd.Function):
+    """The chunk loop as one autograd node with a hand-written backward (``_chunk_backward``).
+
+    Forward keeps, per chunk, the chunk-start state and the step's intermediates (``every = 0``), or only
+    the state at every ``every``-th chunk; backward walks the chunks in reverse, recomputing a group's
+    forward from its kept state when needed. Both give identical gradients (the same operations)."""
+
+    @staticmethod
+    def forward(ctx, depth, n_state, ln_gamma, ln_beta, eps, every, compile, fused, *tensors):
+        step = compiled(_chunk_step) if compile else _chunk_step
+        # contiguous and detached: every chunk then passes tensors of one layout (one compiled graph)
+        states = [t.detach().contiguous() for t in tensors[:n_state]]
+        per_chunk = [t.transpose(0, 1) for t in tensors[n_state:]]
+        ln = None if ln_gamma is None else (ln_gamma, ln_beta)
+        n_chunks = per_chunk[0].shape[0]
+        y = tensors[n_state].new_empty(tensors[n_state].shape)
+        kept = []
+        for c in range(n_chunks):
+            cache = {} if every == 0 else None
+            if every == 0 or c % every == 0:
+                kept.append((states, cache))
+            y[:, c], new_w, new_s = step(states[:depth], states[depth:], *(t[c] for t in per_chunk), ln, eps, fused, cache=cache)
+            states = [*new_w, *new_s]
+        ctx.depth, ctx.n_state, ctx.eps, ctx.every, ctx.kept = depth, n_state, eps, every, kept
+        ctx.compile, ctx.fused = compile, fused
+        ctx.save_for_backward(*(t for t in (ln_gamma, ln_beta) if t is not None), *tensors[n_state:])
+        ctx.has_ln = ln_gamma is not None
+        return (y, *states)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, *g_end):
+        depth, every, kept, fused = ctx.depth, ctx.every, ctx.kept, ctx.fused
+        step, step_backward = (compiled(_chunk_step), compiled(_chunk_backward)) if ctx.compile else (_chunk_step, _chunk_backward)
+        saved = ctx.saved_tensors
+        ln = tuple(saved[:2]) if ctx.has_ln else None
+        per_chunk = [t.transpose(0, 1) for t in saved[2 * ctx.has_ln :]]
+        n_chunks = per_chunk[0].shape[0]
+        gy = gy.transpose(0, 1)
+        g_state = [torch.zeros_like(s) if g is None else g.contiguous() for g, s in zip(g_end, kept[0][0])]
+        grads = {name: torch.zeros_like(t) for name, t in zip(_PER_CHUNK, per_chunk)}
+        g_ln = [torch.zeros_like(p) for p in ln] if ln is not None else None
+        group = every if every > 0 else 1
+        for start in range(((n_chunks - 1) // group) * group, -1, -group):
+            stop = min(start + group, n_chunks)
+            if every == 0:
+                entries = [kept[start]]
+            else:  # recompute this group's chunk-start states and intermediates from its kept state
+                states, entries = kept[start // every][0], []
+                for c in range(start, stop):
+                    cache = {}
+                    entries.append((states, cache))
+                    _, new_w, new_s = step(states[:depth], states[depth:], *(t[c] for t in per_chunk), ln, ctx.eps, fused, cache=cache)
+                    states = [*new_w, *new_s]
+            for c in range(stop - 1, start - 1, -1):
+                states, cache = entries[c - start]
+                g_w, g_s, g_in, g_gamma, g_beta = step_backward(
+                    states[:depth], states[depth:], *(t[c] for t in per_chunk), ln, ctx.eps, cache,
+                    gy[c], g_state[:depth], g_state[depth:],
+                )
+                g_state = [g.contiguous() for g in (*g_w, *g_s)]
+                for name in _PER_CHUNK:
+                    grads[name][c] = g_in[name]
+                if ln is not None:
+                    g_ln[0] += g_gamma
+                    g_ln[1] += g_beta
+        g_ln = g_ln or [None, None]
+        return (None, None, *g_ln, None, None, None, None, *g_state, *(grads[name].transpose(0, 1) for name in _PER_CHUNK))
 
 
 def _with_pending(state: MemoryState, q, k, v, theta, log_eta, log_decay):
@@ -275,6 +471,7 @@ def chunked_memory(
     checkpoint_every: int = 0,
     compile: bool = False,
     fused: bool = False,
+    hand_backward: bool = True,
 ) -> tuple[Tensor, MemoryState]:
     """Writes ``k -> v`` into the memory and reads ``y_t = M_{W_t}(q_t)`` for every token (fast path).
 
@@ -282,7 +479,9 @@ def chunked_memory(
     ``ln`` is the (H, d) scale and shift of the memory's LayerNorm (depth >= 2). ``checkpoint_every = k``
     keeps the state only every k chunks and recomputes the rest in backward (activation memory ~ N / k);
     ``compile`` runs the chunk step through torch.compile; ``fused`` runs each layer's read and state
-    update in one Triton kernel (GPU, or TRITON_INTERPRET=1 for testing on CPU). Returns y (B, H, N, d) and the state after the last token.
+    update in one Triton kernel (GPU, or TRITON_INTERPRET=1 for testing on CPU). In training the chunk loop is
+    one autograd node with a hand-written backward (``hand_backward=False``: autograd through every step
+    instead, for comparison). Returns y (B, H, N, d) and the state after the last token.
     """
     B, H, N, d = q.shape
     n_pending = state.num_pending
@@ -313,7 +512,9 @@ def chunked_memory(
     n_state = len(states)
     P = C * (qc @ kc.transpose(-1, -2))
     per_chunk = (qc, kc, vc, A, Bm, C, P, ends, D)
-    group = checkpoint_every if checkpoint_every > 0 else n_chunks
+    # The default eager path is one autograd node over all chunks that keeps its own recomputation groups.
+    hand = hand_backward and torch.is_grad_enabled()
+    group = checkpoint_every if checkpoint_every > 0 and not hand else n_chunks
     ys = []
     for start in range(0, n_chunks, group):
         stop = min(start + group, n_chunks)
@@ -321,7 +522,9 @@ def chunked_memory(
         full_stop = min(stop, n_full)
         if full_stop > start:
             args = [*states, *(t[:, start:full_stop] for t in per_chunk)]
-            if checkpoint_every > 0 and torch.is_grad_enabled():
+            if hand and any(t.requires_grad for t in args):
+                out = _MemoryScan.apply(depth, n_state, *(ln_flat or (None, None)), eps, checkpoint_every, compile, fused, *args)
+            elif checkpoint_every > 0 and torch.is_grad_enabled():
                 out = checkpoint(_chunk_group, depth, n_state, ln_flat, eps, compile, fused, *args, use_reentrant=False)
             else:
                 out = _chunk_group(depth, n_state, ln_flat, eps, compile, fused, *args)

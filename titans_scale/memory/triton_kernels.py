@@ -5,8 +5,9 @@ output rows, streams the input dimension once, and produces both the dual-form r
 ``z = A * (r W'^T) + Bm * (r S'^T) - mixing @ delta`` and the end-of-chunk ``W``, ``S``. The state never
 round-trips through memory between those steps.
 
-The backward pass recomputes ``layer_update`` in eager PyTorch (like activation checkpointing), so the
-kernel needs no backward of its own and stays exact to the eager path. Runs on CUDA; with
+The kernel needs no backward of its own: in training the chunk loop's hand-written backward
+(``maths._chunk_backward``) differentiates ``layer_update`` by hand, and under ``hand_backward=False`` the
+autograd wrapper below recomputes the eager ``layer_update`` and differentiates it. Runs on CUDA; with
 ``TRITON_INTERPRET=1`` set before import it runs on CPU, which is how the tests check it.
 """
 
