@@ -1,6 +1,6 @@
 """Model-level speed and memory, measured side by side in one run (issue: scale and speed).
 
-    python benchmarks/bench_models.py speed  [--lengths 1024 2048 4096 8192 16384]
+    python benchmarks/bench_models.py speed  [--lengths 1024 2048 4096 8192 16384] [--compile]
     python benchmarks/bench_models.py memory [--lengths 2048 4096 8192 16384] [--every 16]
 
 ``speed``: forward+backward tokens/s of every variant (lmm, mac, mag, mal) and baseline (transformer,
@@ -13,6 +13,7 @@ without chunk-state recomputation (``memory.checkpoint_every``), and their ratio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -59,24 +60,32 @@ def fwd_bwd_seconds(model, n: int, repeats: int) -> float:
     return best
 
 
+TITANS = ("lmm", "mac", "mag", "mal")
+
+
 def speed(args) -> None:
     torch.manual_seed(0)
     target = parameter_count(small_config("mag"))
     models = {v: build_model(matched_config(v, target)) for v in VARIANTS}
+    if args.compile:  # the same models with memory.compile=true: the chunk step and its backward compiled
+        for v in TITANS:
+            cfg = matched_config(v, target)
+            models[f"{v}+c"] = build_model(dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, compile=True)))
+    names = list(models)
     print(f"# fwd+bwd tokens/s, batch 1, dim 128, 2 layers, 4 heads, window 512, segment 512, chunk 16, "
           f"threads={torch.get_num_threads()}")
     print("# parameters: " + ", ".join(f"{v} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for v, m in models.items()))
-    print(f"{'N':>6} " + " ".join(f"{v:>11}" for v in VARIANTS))
-    seconds = {v: {} for v in VARIANTS}
+    print(f"{'N':>6} " + " ".join(f"{v:>11}" for v in names))
+    seconds = {v: {} for v in names}
     for n in args.lengths:
         for v, m in models.items():
             seconds[v][n] = fwd_bwd_seconds(m, n, args.repeats)
-        print(f"{n:>6} " + " ".join(f"{n / seconds[v][n]:>11.0f}" for v in VARIANTS), flush=True)
+        print(f"{n:>6} " + " ".join(f"{n / seconds[v][n]:>11.0f}" for v in names), flush=True)
     longest, ref = args.lengths[-1], 2048 if 2048 in args.lengths else args.lengths[0]
-    for v in VARIANTS:
+    for v in names:
         ratio = seconds[v][longest] / seconds[v][ref]
         print(f"{v:>11}: t({longest})/t({ref}) = {ratio:.2f} (linear {longest / ref:.1f}; goal for Titans <= {1.1 * longest / ref:.1f})")
-    for v in ("mag", "mal", "lmm", "mac", "swa"):
+    for v in [name for name in names if name != "transformer"]:
         print(f"{v:>11} vs transformer at {longest}: {seconds['transformer'][longest] / seconds[v][longest]:.2f}x the tokens/s")
 
 
@@ -116,6 +125,9 @@ def main() -> None:
     parser.add_argument("what", choices=["speed", "memory"])
     parser.add_argument("--lengths", type=int, nargs="+")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the Titans variants with memory.compile=true (columns lmm+c, ...; "
+                             "the first pass compiles and is not timed)")
     parser.add_argument("--every", type=int, default=16, help="chunks between kept states (memory benchmark)")
     args = parser.parse_args()
     if args.what == "speed":

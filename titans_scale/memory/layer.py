@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import MemoryConfig
 from .maths import MemoryState, check_state, chunked_memory, initial_state, memory_read, memory_shapes, reference_memory
@@ -213,6 +214,11 @@ class NeuralMemory(nn.Module):
         check_state(state.memory, x.shape[0], self.shapes, self.heads, state_dtype(x.dtype))
         if state.conv.shape != (x.shape[0], self.cfg.conv_width - 1, 3 * self.heads * self.head_dim):
             raise ValueError(f"memory_state.conv has shape {tuple(state.conv.shape)}; expected batch {x.shape[0]}")
-        q, k, v, theta, log_eta, log_decay, conv = self.project(x, state.conv)
+        if self.cfg.checkpoint_every > 0 and self.training and torch.is_grad_enabled():
+            # Bounded memory asked for: the cheap projections (convolution, SiLU, norms, gates) are
+            # recomputed in backward too, instead of keeping three (N, 3 H d) activations per layer.
+            q, k, v, theta, log_eta, log_decay, conv = checkpoint(self.project, x, state.conv, use_reentrant=False)
+        else:
+            q, k, v, theta, log_eta, log_decay, conv = self.project(x, state.conv)
         y, memory = self.memorize(q, k, v, theta, log_eta, log_decay, state.memory)
         return self.output(y, x), NeuralMemoryState(memory, conv)
