@@ -1,5 +1,6 @@
-"""The GPU path in one short run: exactness of the fused Triton kernel, torch.compile and bf16 autocast on
-CUDA against the eager float32 path, then speed and peak memory side by side (issue: scale and speed).
+"""The GPU path in one short run: exactness of autograd's backward (vs. the hand-written one), the fused
+Triton kernel, torch.compile and bf16 autocast on CUDA against the eager path, then speed and peak memory
+side by side (issue: scale and speed).
 
     python benchmarks/bench_gpu.py [--budget 420] [--lengths 2048 4096 8192 16384]
 
@@ -45,7 +46,8 @@ def exactness(dev, n: int) -> None:
     for dtype in (torch.float64, torch.float32):
         x = torch.randn(2, n, 256, device=dev, dtype=dtype)  # n = 1000: a partial last chunk
         y0, w0, g0 = layer_run(base, x)
-        for name, cfg in (("fused", replace(base, fused_kernel=True)), ("compiled", replace(base, compile=True))):
+        for name, cfg in (("autograd", replace(base, hand_backward=False)), ("fused", replace(base, fused_kernel=True)),
+                          ("compiled", replace(base, compile=True))):
             if name == "compiled" and dtype == torch.float64:
                 continue
             try:
@@ -97,6 +99,7 @@ def timed(fn, repeats: int = 2) -> float:
 def layer_speed(dev, lengths, budget) -> None:
     print("## memory layer fwd+bwd tokens/s (dim 256, 4 heads, depth 2, e 4, b 16, batch 1, fp32)")
     paths = {"eager": MemoryConfig(depth=2, expansion=4, chunk_size=16)}
+    paths["autograd"] = replace(paths["eager"], hand_backward=False)
     paths["fused"] = replace(paths["eager"], fused_kernel=True)
     paths["compiled"] = replace(paths["eager"], compile=True)
     print(f"{'N':>6} " + " ".join(f"{p:>10}" for p in paths))
@@ -122,7 +125,7 @@ def layer_speed(dev, lengths, budget) -> None:
 
 def model_config(variant: str, **overrides) -> ModelConfig:
     base = dict(variant=variant, vocab_size=32000, dim=768, n_layers=4, n_heads=12, persistent_tokens=64,
-                segment_len=512, window=512, memory=MemoryConfig(depth=2, expansion=4, chunk_size=16, fused_kernel=True))
+                segment_len=512, window=512, memory=MemoryConfig(depth=2, expansion=4, chunk_size=16, compile=True))
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -136,7 +139,7 @@ def model_speed(dev, lengths, budget) -> None:
         return model_config(v, mlp_hidden=h)
 
     print(f"## model fwd+bwd tokens/s, bf16 autocast, batch 1, dim 768, 4 layers, 12 heads, window/segment 512, "
-          f"fused memory kernel, ~{target / 1e6:.0f}M parameters each")
+          f"compiled memory step and backward, ~{target / 1e6:.0f}M parameters each")
     print(f"{'N':>6} " + " ".join(f"{v:>11}" for v in variants))
     seconds = {v: {} for v in variants}
     for n in within_budget(lengths, budget):

@@ -42,9 +42,10 @@ def time_fwd_bwd(module_call, x: torch.Tensor, repeats: int) -> tuple[float, flo
     return best, best_cpu
 
 
-def layer(every: int = 0) -> NeuralMemory:
+def layer(every: int = 0, hand_backward: bool = True) -> NeuralMemory:
     torch.manual_seed(0)
-    return NeuralMemory(DIM, HEADS, MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=every))
+    cfg = MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=every, hand_backward=hand_backward)
+    return NeuralMemory(DIM, HEADS, cfg)
 
 
 AUTOGRAD = -1  # a config code: every chunk state kept, backward by autograd through each chunk step
@@ -52,14 +53,7 @@ AUTOGRAD = -1  # a config code: every chunk state kept, backward by autograd thr
 
 def child(n: int, every: int, repeats: int) -> None:
     torch.manual_seed(1)
-    if every == AUTOGRAD:
-        import functools
-
-        import titans_scale.memory.layer as layer_module
-
-        layer_module.chunked_memory = functools.partial(layer_module.chunked_memory, hand_backward=False)
-        every = 0
-    memory = layer(every)
+    memory = layer(max(every, 0), hand_backward=every != AUTOGRAD)
     print(json.dumps(time_fwd_bwd(lambda xi: memory(xi)[0], torch.randn(1, n, DIM), repeats)))
 
 

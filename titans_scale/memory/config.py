@@ -23,3 +23,4 @@ class MemoryConfig:
     checkpoint_every: int = 0  # keep the memory state every k chunks, recompute between (0 = off)
     compile: bool = False  # run the chunk step through torch.compile (first call compiles: tens of seconds)
     fused_kernel: bool = False  # Triton kernel for each layer's dual-form read + state update (GPU)
+    hand_backward: bool = True  # the chunk loop's hand-written backward; False: autograd through every step

@@ -189,7 +189,8 @@ class NeuralMemory(nn.Module):
             if self.reference:
                 y, state = reference_memory(*inputs, state, **common)
             else:
-                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, compile=self.cfg.compile, fused=self.cfg.fused_kernel, **common)
+                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, compile=self.cfg.compile,
+                                          fused=self.cfg.fused_kernel, hand_backward=self.cfg.hand_backward, **common)
         return y.to(out_dtype), state
 
     def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:

@@ -381,7 +381,8 @@ class _MemoryScan(torch.autograd.Function):
         step = compiled(_chunk_step) if compile else _chunk_step
         # contiguous and detached: every chunk then passes tensors of one layout (one compiled graph)
         states = [t.detach().contiguous() for t in tensors[:n_state]]
-        per_chunk = [t.transpose(0, 1) for t in tensors[n_state:]]
+        # chunk-major copies: a chunk's slices then have the same strides at every length (one compiled graph)
+        per_chunk = [t.transpose(0, 1).contiguous() for t in tensors[n_state:]]
         ln = None if ln_gamma is None else (ln_gamma, ln_beta)
         n_chunks = per_chunk[0].shape[0]
         y = tensors[n_state].new_empty(tensors[n_state].shape)
@@ -394,7 +395,7 @@ class _MemoryScan(torch.autograd.Function):
             states = [*new_w, *new_s]
         ctx.depth, ctx.n_state, ctx.eps, ctx.every, ctx.kept = depth, n_state, eps, every, kept
         ctx.compile, ctx.fused = compile, fused
-        ctx.save_for_backward(*(t for t in (ln_gamma, ln_beta) if t is not None), *tensors[n_state:])
+        ctx.save_for_backward(*(t for t in (ln_gamma, ln_beta) if t is not None), *per_chunk)
         ctx.has_ln = ln_gamma is not None
         return (y, *states)
 
@@ -405,9 +406,9 @@ class _MemoryScan(torch.autograd.Function):
         step, step_backward = (compiled(_chunk_step), compiled(_chunk_backward)) if ctx.compile else (_chunk_step, _chunk_backward)
         saved = ctx.saved_tensors
         ln = tuple(saved[:2]) if ctx.has_ln else None
-        per_chunk = [t.transpose(0, 1) for t in saved[2 * ctx.has_ln :]]
+        per_chunk = saved[2 * ctx.has_ln :]
         n_chunks = per_chunk[0].shape[0]
-        gy = gy.transpose(0, 1)
+        gy = gy.transpose(0, 1).contiguous()
         g_state = [torch.zeros_like(s) if g is None else g.contiguous() for g, s in zip(g_end, kept[0][0])]
         grads = {name: torch.zeros_like(t) for name, t in zip(_PER_CHUNK, per_chunk)}
         g_ln = [torch.zeros_like(p) for p in ln] if ln is not None else None
