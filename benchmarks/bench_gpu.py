@@ -2,7 +2,7 @@
 Triton kernel, torch.compile and bf16 autocast on CUDA against the eager path, then speed and peak memory
 side by side (issue: scale and speed).
 
-    python benchmarks/bench_gpu.py [--budget 420] [--lengths 2048 4096 8192 16384]
+    python benchmarks/bench_gpu.py [--budget 420] [--lengths 2048 4096 8192 16384] [--sections model ...]
 
 Needs only torch (and triton) on the GPU machine: the memory and the model zoo import nothing else.
 Sections that would run past ``--budget`` seconds are skipped (and say so), so the run always reports.
@@ -20,6 +20,7 @@ from titans_scale.memory import MemoryConfig, NeuralMemory
 from titans_scale.models import ModelConfig, build_model, parameter_count
 
 START = time.time()
+SECTIONS = ["exactness", "memory", "layer", "model"]
 
 
 def sync() -> None:
@@ -197,16 +198,21 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which sections are skipped")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--exact-length", type=int, default=1000)
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (TRITON_INTERPRET=1)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu for a smoke test)")
     dev = torch.device(args.device)
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")
-    exactness(dev, args.exact_length)
-    peak_memory(dev, args.lengths[-1], args.budget)
-    layer_speed(dev, [1024] + args.lengths, args.budget * 0.5)
-    model_speed(dev, args.lengths, args.budget)
+    if "exactness" in args.sections:
+        exactness(dev, args.exact_length)
+    if "memory" in args.sections:
+        peak_memory(dev, args.lengths[-1], args.budget)
+    if "layer" in args.sections:
+        layer_speed(dev, [1024] + args.lengths, args.budget * 0.5)
+    if "model" in args.sections:
+        model_speed(dev, args.lengths, args.budget)
     print(f"# done in {time.time() - START:.0f} s")
 
 
