@@ -8,7 +8,7 @@ import json
 
 import pytest
 from conftest import data_make_documents
-from test_train import SEQ, shards, train_args, train_launch  # noqa: F401 (shards is a fixture)
+from test_train import SEQ, shards, train_args, train_launch, train_main  # noqa: F401 (shards is a fixture)
 
 from titans_scale.train.distributed import launcher_env
 
@@ -40,8 +40,10 @@ def assert_refused_before_training(result, *needles: str) -> None:
         ({"nproc": 3, "parallel__tp": 2}, ["world size 3 is not a multiple of parallel.tp * parallel.sp = 2 * 1"]),
     ],
 )
-def test_world_that_does_not_fit_is_refused(overrides, needles, shards, tmp_path):  # noqa: F811
-    assert_refused_before_training(train_launch(train_args(shards, tmp_path, **overrides)), *needles)
+def test_world_that_does_not_fit_is_refused(overrides, needles, shards, tmp_path, capsys):  # noqa: F811
+    """Refused by the launcher's plan before any worker starts, so in this process (the two data tests below
+    run the command itself)."""
+    assert_refused_before_training(train_main(capsys, train_args(shards, tmp_path, **overrides)), *needles)
 
 
 def test_a_data_dir_that_does_not_exist_is_refused(shards, tmp_path):  # noqa: F811
@@ -63,8 +65,9 @@ def test_shards_of_another_tokenizer_are_refused(shards, tmp_path):  # noqa: F81
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_dry_run_prints_the_plan(shards, tmp_path):  # noqa: F811
-    result = train_launch(train_args(shards, tmp_path, dry_run="true", nproc=2))
+def test_dry_run_prints_the_plan(shards, tmp_path, capsys):  # noqa: F811
+    """nproc=2 without starting a worker: the launcher plans in this process."""
+    result = train_main(capsys, train_args(shards, tmp_path, dry_run="true", nproc=2))
     assert result.returncode == 0, result
     assert "[plan] mag:" in result.stdout and "world 2 (dp 2) | 6 steps of 512 tokens" in result.stdout
     assert "variant: mag" in result.stdout  # the resolved recipe

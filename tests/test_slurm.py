@@ -65,6 +65,9 @@ def slurm(tmp_path_factory):
     """A local Slurm for the session (scripts/slurm_local.sh start ... stop), on free ports."""
     state = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "TITANS_SLURMCTLD_PORT": str(slurm_free_port()), "TITANS_SLURMD_PORT": str(slurm_free_port())}
+    # jobs take their threads from --cpus-per-task=1, as a user's do (the suite's OMP_NUM_THREADS=2 would give
+    # each of a job's 2 tasks 2 threads and oversubscribe a 2-core machine)
+    env.pop("OMP_NUM_THREADS", None)
     script = str(ROOT / "scripts" / "slurm_local.sh")
     started = subprocess.run(["bash", script, "start", str(state)], env=env, capture_output=True, text=True, timeout=600)
     if started.returncode:

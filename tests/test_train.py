@@ -1,6 +1,8 @@
 """The training engine, driven for real on CPU (gloo, DeepSpeed, megatron-core groups, streaming shards):
-exact resumption at world size 2 under ZeRO 1, 2 and 3, a crash in the middle of writing a checkpoint,
-gradient accumulation, refusal of a checkpoint of another model, and the tiny recipe end to end."""
+exact resumption at world size 2 under ZeRO 2 (after a crash in the middle of writing a checkpoint) and ZeRO
+3 (ZeRO 1: test_slurm's signalled job), gradient accumulation, refusal of a checkpoint of another model, and
+the tiny recipe end to end. Every launch costs ~15 s of start-up, so runs that set up the same thing are
+shared."""
 
 from __future__ import annotations
 
@@ -42,12 +44,14 @@ class Launched:
 
 def train_launch(args: list[str], *, world: int = 1, env: dict | None = None, timeout: int = 300) -> Launched:
     """``python -m titans_scale.launch args`` as ``world`` processes started the way torchrun starts them
-    (RANK / WORLD_SIZE / MASTER_* in the environment); a failed rank stops the others."""
+    (RANK / WORLD_SIZE / MASTER_* in the environment); a failed rank stops the others. ``env`` adds to the
+    environment; a name given as None is removed from it."""
     port = train_free_port()
     procs = []
     for rank in range(world):
         penv = {**os.environ, "OMP_NUM_THREADS": "1" if world > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
                 **(env or {})}
+        penv = {k: v for k, v in penv.items() if v is not None}
         if world > 1:
             penv.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -65,6 +69,16 @@ def train_launch(args: list[str], *, world: int = 1, env: dict | None = None, ti
     outputs = [p.communicate() for p in procs]
     code = next((p.returncode for p in procs if p.returncode), 0)
     return Launched(code, outputs[0][0], outputs[0][1] + "".join(f"\n--- rank {r}\n{e}" for r, (_, e) in enumerate(outputs) if r))
+
+
+def train_main(capsys, args: list) -> Launched:
+    """``python -m titans_scale.launch args`` in this process, for refusals that come before any worker or
+    process group starts (the command itself, junk-free stderr included, runs in test_config and test_launch)."""
+    from titans_scale.launch import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return Launched(code, out.out, out.err)
 
 
 def train_args(shards: dict, run_dir: Path, **overrides) -> list[str]:
@@ -119,68 +133,64 @@ def shards(tmp_path_factory, data_tokenizer_path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight_runs(tmp_path_factory, shards):
-    """Uninterrupted 2K-step runs at world size 2 (started like torchrun), per ZeRO stage, made on first use."""
-    made = {}
+def crashed_run(tmp_path_factory, shards) -> dict:
+    """ZeRO-2 at world size 2, started with nproc=2 (our own elastic spawn), killed right after DeepSpeed
+    wrote the first file of its final (step 2K) checkpoint: it has logged every step and exported the
+    finished model (model.pt comes before the last save), i.e. it is the uninterrupted ZeRO-2 reference, but
+    `latest` stays at step K. Its losses and weights are read before anything resumes it."""
+    from titans_scale.train.checkpoint import CRASH_ENV
 
-    def run(stage: int) -> Path:
-        if stage not in made:
-            run_dir = tmp_path_factory.mktemp(f"straight_zero{stage}")
-            result = train_launch(train_args(shards, run_dir, train__zero_stage=stage), world=2)
-            assert result.returncode == 0, result
-            made[stage] = run_dir
-        return made[stage]
-
-    return run
+    run_dir = tmp_path_factory.mktemp("crashed_zero2")
+    args = train_args(shards, run_dir, train__zero_stage=2, nproc=2)
+    # one thread per worker, like the ranks that resume it (the suite's OMP_NUM_THREADS=2 would oversubscribe)
+    crashed = train_launch(args, env={CRASH_ENV: str(2 * K), "OMP_NUM_THREADS": "1"})
+    assert crashed.returncode != 0 and "[train]" in crashed.stdout, crashed
+    return {"run_dir": run_dir, "args": args, "metrics": train_metrics(run_dir), "params": train_params(run_dir)}
 
 
 # ------------------------------------------------------------------------------------------------ tests
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_continues_exactly(stage, shards, straight_runs, tmp_path):
-    """Train K steps, stop, resume to 2K (a fresh pair of processes from the step-K checkpoint): the loss at
-    every step, the validation loss and the final parameters equal those of the uninterrupted run."""
-    straight = straight_runs(stage)
+def test_resume_continues_exactly(shards, crashed_run, tmp_path_factory, tmp_path):
+    """ZeRO-3: train K steps, stop, resume to 2K (a fresh pair of processes from the step-K checkpoint): the
+    loss at every step, the validation loss and the final parameters equal those of the uninterrupted run.
+    (ZeRO-2 resumes the same way in the crash test below, ZeRO-1 in test_slurm's signalled job.)"""
+    straight = tmp_path_factory.mktemp("straight_zero3")
+    result = train_launch(train_args(shards, straight, train__zero_stage=3), world=2)
+    assert result.returncode == 0, result
     checkpoint = straight / "checkpoints" / f"step_{K:08d}"
-    result = train_launch(train_args(shards, tmp_path, train__zero_stage=stage, resume=checkpoint), world=2)
+    result = train_launch(train_args(shards, tmp_path, train__zero_stage=3, resume=checkpoint), world=2)
     assert result.returncode == 0, result
     assert f"resuming from {checkpoint}" in result.stdout
     a, b = train_metrics(straight), train_metrics(tmp_path)
     assert sorted(b["loss"]) == list(range(K + 1, 2 * K + 1))  # only the steps after the checkpoint ran
     assert all(b["loss"][s] == a["loss"][s] for s in b["loss"]), (a, b)
     assert b["val_loss"][2 * K] == a["val_loss"][2 * K]
-    assert_same_params(train_params(straight), train_params(tmp_path))
-    if stage == 3:  # the gathered ZeRO-3 export holds the weights a ZeRO-2 run trains (up to rounding noise;
-        # a wrong gather would be off by the weights' own size, ~1e-2)
-        zero3, zero2 = train_params(straight), train_params(straight_runs(2))
-        diffs = torch.cat([(zero3[n] - zero2[n]).abs().flatten() for n in zero3])
-        assert diffs.max() < 1e-3 and diffs.mean() < 1e-5, (diffs.max(), diffs.mean())
+    zero3 = train_params(straight)
+    assert_same_params(zero3, train_params(tmp_path))
+    # the gathered ZeRO-3 export holds the weights a ZeRO-2 run trains (up to rounding noise; a wrong gather
+    # would be off by the weights' own size, ~1e-2)
+    zero2 = crashed_run["params"]
+    diffs = torch.cat([(zero3[n] - zero2[n]).abs().flatten() for n in zero3])
+    assert diffs.max() < 1e-3 and diffs.mean() < 1e-5, (diffs.max(), diffs.mean())
 
 
-def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(shards, tmp_path):
-    """ZeRO-1 at world size 2, started with nproc=2 (our own elastic spawn). The run is killed right after
-    DeepSpeed wrote the first file of its final (step 2K) checkpoint: it has logged every step and exported
-    the finished model (model.pt comes before the last save), i.e. it is the uninterrupted reference, but
-    `latest` stays at step K. resume=auto continues from step K and ends exactly where it ended: the losses
-    of every step, the validation loss and the final parameters are identical."""
-    from titans_scale.train.checkpoint import CRASH_ENV
-
-    args = train_args(shards, tmp_path, train__zero_stage=1, nproc=2)
-    crashed = train_launch(args, env={CRASH_ENV: str(2 * K)})
-    assert crashed.returncode != 0 and "[train]" in crashed.stdout, crashed
-    root = tmp_path / "checkpoints"
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(crashed_run):
+    """The crashed ZeRO-2 run (see crashed_run) left a partial step-2K checkpoint and `latest` at step K.
+    resume=auto (a fresh pair of processes started like torchrun) continues from step K and ends exactly where
+    it ended: the losses of every step, the validation loss and the final parameters are identical."""
+    run_dir, straight = crashed_run["run_dir"], crashed_run["metrics"]
+    root = run_dir / "checkpoints"
     assert (root / "latest").read_text() == f"step_{K:08d}"
     partial = root / f"tmp-step_{2 * K:08d}"
     assert partial.is_dir() and not (partial / "meta.json").exists() and any(partial.iterdir())
-    straight = train_metrics(tmp_path)  # written before the crash: steps 1..2K
+    # written before the crash: steps 1..2K
     assert sorted(straight["loss"]) == list(range(1, 2 * K + 1)) and sorted(straight["val_loss"]) == [0, K, 2 * K]
-    straight_params = train_params(tmp_path)
 
-    resumed = train_launch(args)
+    resumed = train_launch(crashed_run["args"], world=2)
     assert resumed.returncode == 0, resumed
     assert f"resuming from {root / f'step_{K:08d}'}" in resumed.stdout
     assert not partial.exists() and (root / "latest").read_text() == f"step_{2 * K:08d}"
-    assert train_metrics(tmp_path) == straight  # steps K+1..2K were redone, with the same losses
-    assert_same_params(train_params(tmp_path), straight_params)
+    assert train_metrics(run_dir) == straight  # steps K+1..2K were redone, with the same losses
+    assert_same_params(train_params(run_dir), crashed_run["params"])
 
 
 # Adam's eps raised so the update stays linear in the gradient (see the accumulation test below): the
@@ -235,10 +245,10 @@ def test_tensor_and_sequence_parallel_training_matches_one_process(layout, shard
         assert_same_params(train_params(resumed), mine)
 
 
-def test_refuses_a_checkpoint_of_another_model(shards, straight_runs):
+def test_refuses_a_checkpoint_of_another_model(shards, crashed_run, capsys):
     """Before any step: one line naming the fields that differ, exit code 2."""
-    run_dir = straight_runs(2)
-    result = train_launch(train_args(shards, run_dir, train__zero_stage=2, model__dim=48, train__steps=4 * K), world=1)
+    args = train_args(shards, crashed_run["run_dir"], train__zero_stage=2, nproc=2, model__dim=48, train__steps=4 * K)
+    result = train_main(capsys, args)
     assert result.returncode == 2, result
     assert len(result.stderr.strip().splitlines()) == 1, result
     assert "model.dim: 32 -> 48" in result.stderr and "[train]" not in result.stdout
@@ -336,7 +346,9 @@ def test_tiny_recipe_trains_end_to_end_and_validation_loss_falls(tmp_path):
     args = ["recipe=tiny", "train.steps=24", "train.warmup_steps=4", "train.eval_every=12", "train.log_every=4",
             "train.checkpoint_every=12", "model.dim=64", "model.n_layers=1", "train.micro_batch=4",
             "train.global_batch_tokens=2048", f"run_dir={run_dir}", "train.sample_tokens=16"]
-    result = train_launch(args, timeout=600)
+    # the workers' threads as a user gets them: spawn_workers shares the cores (the suite's
+    # OMP_NUM_THREADS=2 in each worker would oversubscribe them, doubling the run's time)
+    result = train_launch(args, env={"OMP_NUM_THREADS": None}, timeout=600)
     assert result.returncode == 0, result
     val = train_metrics(run_dir)["val_loss"]
     assert sorted(val) == [0, 12, 24]
