@@ -6,6 +6,9 @@ reference and (when installed: `pip install titans-pytorch==0.5.5`) the peer pac
 Columns: the default path (hand-written backward, every chunk state kept), with chunk-state recomputation,
 and with autograd's backward through each chunk step instead (the path before the hand-written one).
 
+Every timed sample covers the same number of tokens (the longest length: 16 passes at 1K, one at 16K; see
+benchmarks/timing.py), so the time ratios compare sustained cost, not the luckiest short pass.
+
 Config (issue 2): dim 256, 4 heads, depth 2, expansion 4, chunk 16, batch 1, fp32, CPU threads as set
 by OMP_NUM_THREADS / torch defaults.
 """
@@ -13,7 +16,6 @@ by OMP_NUM_THREADS / torch defaults.
 from __future__ import annotations
 
 import argparse
-import time
 import json
 import subprocess
 import sys
@@ -21,25 +23,19 @@ import sys
 import torch
 
 from titans_scale.memory import MemoryConfig, NeuralMemory
+from timing import per_pass_seconds
 
 
 DIM, HEADS = 256, 4
 
 
-def time_fwd_bwd(module_call, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Best-of-``repeats`` (wall, process CPU) seconds of forward + backward (after one warm-up). CPU time
-    leaves out the time this VM's cores were taken by other tenants (steal), so it is the steadier measure
-    of cost on a shared machine."""
-    best, best_cpu = float("inf"), float("inf")
-    for i in range(repeats + 1):
-        xi = x.detach().requires_grad_()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        out = module_call(xi)
-        out.float().square().mean().backward()
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-        if i > 0 or repeats == 0:
-            best, best_cpu = min(best, elapsed), min(best_cpu, cpu)
-    return best, best_cpu
+def fwd_bwd(module_call, x: torch.Tensor):
+    """One forward + backward of ``module_call`` on ``x``, as a step for ``per_pass_seconds``."""
+
+    def step() -> None:
+        module_call(x.detach().requires_grad_()).float().square().mean().backward()
+
+    return step
 
 
 def layer(every: int = 0, hand_backward: bool = True) -> NeuralMemory:
@@ -51,10 +47,10 @@ def layer(every: int = 0, hand_backward: bool = True) -> NeuralMemory:
 AUTOGRAD = -1  # a config code: every chunk state kept, backward by autograd through each chunk step
 
 
-def child(n: int, every: int, repeats: int) -> None:
+def child(n: int, every: int, tokens: int) -> None:
     torch.manual_seed(1)
     memory = layer(max(every, 0), hand_backward=every != AUTOGRAD)
-    print(json.dumps(time_fwd_bwd(lambda xi: memory(xi)[0], torch.randn(1, n, DIM), repeats)))
+    print(json.dumps(per_pass_seconds(fwd_bwd(lambda xi: memory(xi)[0], torch.randn(1, n, DIM)), n, tokens)))
 
 
 def main() -> None:
@@ -63,7 +59,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--repeats", type=int, default=1, help="timed passes per length per round")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per timed sample (default: the longest length): ceil(tokens / N) passes each")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all lengths; the best of each is kept")
     parser.add_argument("--peer-lengths", type=int, nargs="*", default=[1024],
                         help="the peer needs ~10 GB at 1K and more than 23 GB at 2K (killed here)")
@@ -73,6 +70,7 @@ def main() -> None:
                         help="skip the column with autograd's backward in place of the hand-written one")
     parser.add_argument("--reference-length", type=int, default=256)
     args = parser.parse_args()
+    tokens = args.tokens or max(args.lengths)
 
     dim, heads = DIM, HEADS
     ours = layer()
@@ -96,7 +94,7 @@ def main() -> None:
     for _ in range(args.rounds):  # rounds over all lengths: a slow spell of the machine hits every length
         for n in args.lengths:
             for e in configs:
-                out = subprocess.run([sys.executable, __file__, "child", str(n), str(e), str(args.repeats)],
+                out = subprocess.run([sys.executable, __file__, "child", str(n), str(e), str(tokens)],
                                      capture_output=True, text=True, check=True)
                 t, c = json.loads(out.stdout.strip().splitlines()[-1])
                 wall[e, n], cpu[e, n] = min(wall[e, n], t), min(cpu[e, n], c)
@@ -109,7 +107,7 @@ def main() -> None:
         if not args.no_autograd:
             line += f" {n / wall[AUTOGRAD, n]:>14.0f} {wall[AUTOGRAD, n] / wall[0, n]:>12.2f}x"
         if peer is not None and n in args.peer_lengths:
-            tp, _ = time_fwd_bwd(lambda xi: peer(xi)[0], torch.randn(1, n, dim), max(1, args.repeats - 1))
+            tp, _ = per_pass_seconds(fwd_bwd(lambda xi: peer(xi)[0], torch.randn(1, n, dim)), n, 0)
             line += f" {n / tp:>11.0f} {tp / wall[0, n]:>8.1f}x"
         print(line, flush=True)
 
@@ -121,9 +119,9 @@ def main() -> None:
 
     n = args.reference_length
     x = torch.randn(1, n, dim)
-    fast, _ = time_fwd_bwd(lambda xi: ours(xi)[0], x, args.repeats)
+    fast, _ = per_pass_seconds(fwd_bwd(lambda xi: ours(xi)[0], x), n, 4 * n)
     ours.reference = True
-    slow, _ = time_fwd_bwd(lambda xi: ours(xi)[0], x, 0)
+    slow, _ = per_pass_seconds(fwd_bwd(lambda xi: ours(xi)[0], x), n, 0)
     ours.reference = False
     print(f"reference (token loop, autograd inner gradient) at N={n}: {n / slow:.0f} tok/s; fast path {n / fast:.0f} tok/s; "
           f"speed-up {slow / fast:.1f}x")

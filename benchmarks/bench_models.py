@@ -5,7 +5,8 @@
 
 ``speed``: forward+backward tokens/s of every variant (lmm, mac, mag, mal) and baseline (transformer,
 swa) at equal parameter count (each baseline's SwiGLU width is chosen to match), batch 1, with the ratio
-of each variant's time at the longest length to its time at 2K, and mag/mal vs. the transformer.
+of each variant's time at the longest length to its time at 2K, and mag/mal vs. the transformer. Every timed
+sample covers the same number of tokens (benchmarks/timing.py).
 ``memory``: growth of the peak resident set during one training step (fresh process per point) of an LMM model, with and
 without chunk-state recomputation (``memory.checkpoint_every``), and their ratio.
 """
@@ -19,12 +20,12 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 
 from titans_scale.memory import MemoryConfig
 from titans_scale.models import ModelConfig, build_model, parameter_count
+from timing import per_pass_seconds
 
 VARIANTS = ("transformer", "swa", "lmm", "mac", "mag", "mal")
 
@@ -49,15 +50,10 @@ def matched_config(variant: str, target: int) -> ModelConfig:
     return small_config(variant, mlp_hidden=best)
 
 
-def fwd_bwd_seconds(model, n: int, repeats: int) -> float:
-    tokens = torch.randint(0, model.cfg.vocab_size, (1, n))
-    best = float("inf")
-    for i in range(repeats + 1):
-        start = time.perf_counter()
-        model.loss(tokens).backward()
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return best
+def fwd_bwd_seconds(model, n: int, tokens: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward+backward at length N, averaged over ``tokens`` tokens (timing.py)."""
+    batch = torch.randint(0, model.cfg.vocab_size, (1, n))
+    return per_pass_seconds(lambda: model.loss(batch).backward(), n, tokens)
 
 
 TITANS = ("lmm", "mac", "mag", "mal")
@@ -75,18 +71,23 @@ def speed(args) -> None:
     print(f"# fwd+bwd tokens/s, batch 1, dim 128, 2 layers, 4 heads, window 512, segment 512, chunk 16, "
           f"threads={torch.get_num_threads()}")
     print("# parameters: " + ", ".join(f"{v} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for v, m in models.items()))
+    wall = {(v, n): float("inf") for v in names for n in args.lengths}
+    cpu = dict(wall)
+    for r in range(args.rounds):  # interleaved rounds, best of each point: a slow spell hits every length
+        for n in args.lengths:
+            for v, m in models.items():
+                t, c = fwd_bwd_seconds(m, n, args.tokens or max(args.lengths))
+                wall[v, n], cpu[v, n] = min(wall[v, n], t), min(cpu[v, n], c)
+            print(f"# round {r + 1}/{args.rounds}: {n} done", flush=True)
     print(f"{'N':>6} " + " ".join(f"{v:>11}" for v in names))
-    seconds = {v: {} for v in names}
     for n in args.lengths:
-        for v, m in models.items():
-            seconds[v][n] = fwd_bwd_seconds(m, n, args.repeats)
-        print(f"{n:>6} " + " ".join(f"{n / seconds[v][n]:>11.0f}" for v in names), flush=True)
+        print(f"{n:>6} " + " ".join(f"{n / wall[v, n]:>11.0f}" for v in names))
     longest, ref = args.lengths[-1], 2048 if 2048 in args.lengths else args.lengths[0]
     for v in names:
-        ratio = seconds[v][longest] / seconds[v][ref]
-        print(f"{v:>11}: t({longest})/t({ref}) = {ratio:.2f} (linear {longest / ref:.1f}; goal for Titans <= {1.1 * longest / ref:.1f})")
+        print(f"{v:>11}: t({longest})/t({ref}) = {wall[v, longest] / wall[v, ref]:.2f} wall, "
+              f"{cpu[v, longest] / cpu[v, ref]:.2f} CPU (linear {longest / ref:.1f}; goal for Titans <= {1.1 * longest / ref:.1f})")
     for v in [name for name in names if name != "transformer"]:
-        print(f"{v:>11} vs transformer at {longest}: {seconds['transformer'][longest] / seconds[v][longest]:.2f}x the tokens/s")
+        print(f"{v:>11} vs transformer at {longest}: {wall['transformer', longest] / wall[v, longest]:.2f}x the tokens/s")
 
 
 def peak_rss_child(n: int, every: int, blocks: bool) -> None:
@@ -124,10 +125,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["speed", "memory"])
     parser.add_argument("--lengths", type=int, nargs="+")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per timed sample (default: the longest length): ceil(tokens / N) passes each")
     parser.add_argument("--compile", action="store_true",
                         help="also time the Titans variants with memory.compile=true (columns lmm+c, ...; "
                              "the first pass compiles and is not timed)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all lengths; the best of each is kept")
     parser.add_argument("--every", type=int, default=16, help="chunks between kept states (memory benchmark)")
     args = parser.parse_args()
     if args.what == "speed":
