@@ -63,10 +63,10 @@ def speed(args) -> None:
     torch.manual_seed(0)
     target = parameter_count(small_config("mag"))
     models = {v: build_model(matched_config(v, target)) for v in VARIANTS}
-    if args.compile:  # the same models with memory.compile=true: the chunk step and its backward compiled
+    if args.compile:  # the same models with memory.backend=compiled: the chunk step and its backward compiled
         for v in TITANS:
             cfg = matched_config(v, target)
-            models[f"{v}+c"] = build_model(dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, compile=True)))
+            models[f"{v}+c"] = build_model(dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, backend="compiled")))
     names = list(models)
     print(f"# fwd+bwd tokens/s, batch 1, dim 128, 2 layers, 4 heads, window 512, segment 512, chunk 16, "
           f"threads={torch.get_num_threads()}")
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per timed sample (default: the longest length): ceil(tokens / N) passes each")
     parser.add_argument("--compile", action="store_true",
-                        help="also time the Titans variants with memory.compile=true (columns lmm+c, ...; "
+                        help="also time the Titans variants with memory.backend=compiled (columns lmm+c, ...; "
                              "the first pass compiles and is not timed)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all lengths; the best of each is kept")
     parser.add_argument("--every", type=int, default=16, help="chunks between kept states (memory benchmark)")

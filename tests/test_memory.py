@@ -245,7 +245,7 @@ def test_half_precision_keeps_float32_state():
 def test_compiled_chunk_step_equals_eager():
     x = torch.randn(1, 19, DIM, dtype=torch.float64)
     eager = outputs_and_grads(make_memory(depth=2, chunk_size=8), x, reference=False)
-    compiled = outputs_and_grads(make_memory(depth=2, chunk_size=8, compile=True), x, reference=False)
+    compiled = outputs_and_grads(make_memory(depth=2, chunk_size=8, backend="compiled"), x, reference=False)
     assert_close(compiled[0], eager[0], "compiled outputs", rtol=1e-12)
     for name in eager[2]:
         assert_close(compiled[2][name], eager[2][name], f"compiled gradient of {name}", rtol=1e-11)

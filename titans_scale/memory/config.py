@@ -21,6 +21,8 @@ class MemoryConfig:
     theta_bias_init: float = 0.0
     ln_eps: float = 1e-5
     checkpoint_every: int = 0  # keep the memory state every k chunks, recompute between (0 = off)
-    compile: bool = False  # run the chunk step through torch.compile (first call compiles: tens of seconds)
-    fused_kernel: bool = False  # Triton kernel for each layer's dual-form read + state update (GPU)
+    # how the chunk loop runs: eager (PyTorch), compiled (torch.compile of the chunk step; the first call
+    # compiles for tens of seconds), triton (the whole loop in one kernel each way; GPU), or auto (triton on
+    # a GPU where the kernel covers the shape, else compiled there with a warning; eager on CPU)
+    backend: str = "eager"
     hand_backward: bool = True  # the chunk loop's hand-written backward; False: autograd through every step

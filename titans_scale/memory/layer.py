@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +69,39 @@ def validate_memory(dim: int, heads: int, cfg: MemoryConfig) -> None:
         raise ValueError(f"memory theta_max={cfg.theta_max} must be > 0")
     if cfg.checkpoint_every < 0:
         raise ValueError(f"memory checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 = off)")
-    if cfg.fused_kernel:
-        from .triton_kernels import fused_supported
-
-        reason = fused_supported(cfg.chunk_size, dim // heads, cfg.expansion, cfg.depth)
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"memory backend={cfg.backend!r} must be one of {', '.join(BACKENDS)}")
+    if cfg.backend == "triton":
+        reason = _triton_unsupported(dim // heads, cfg)
         if reason:
-            raise ValueError(f"memory {reason}; or set memory.fused_kernel=false")
+            raise ValueError(f"memory.backend=triton: {reason}; use memory.backend=auto (falls back to compiled) or eager")
+
+
+BACKENDS = ("eager", "compiled", "triton", "auto")
+
+
+def _triton_unsupported(head_dim: int, cfg: MemoryConfig) -> str | None:
+    from .triton_scan import scan_supported
+
+    return scan_supported(cfg.depth, cfg.chunk_size, head_dim, cfg.expansion, has_ln=cfg.depth >= 2)
+
+
+def resolve_backend(cfg: MemoryConfig, head_dim: int, device_type: str) -> tuple[str, str | None]:
+    """The one place that picks how the chunk loop runs: the backend for this device, and why ``auto``
+    did not pick the kernel (None when it did, or when nothing was left to choose)."""
+    if cfg.backend == "triton":
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("memory.backend=triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU); use memory.backend=auto or eager")
+        return "triton", None
+    if cfg.backend != "auto":
+        return cfg.backend, None
+    if device_type != "cuda":
+        return "eager", None
+    reason = _triton_unsupported(head_dim, cfg)
+    return ("compiled", reason) if reason else ("triton", None)
+
+
+_warned: dict[str, bool] = {}  # fallback reasons already warned about in this process
 
 
 class NeuralMemory(nn.Module):
@@ -189,9 +218,18 @@ class NeuralMemory(nn.Module):
             if self.reference:
                 y, state = reference_memory(*inputs, state, **common)
             else:
-                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, compile=self.cfg.compile,
-                                          fused=self.cfg.fused_kernel, hand_backward=self.cfg.hand_backward, **common)
+                y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, backend=self.backend(q.device.type),
+                                          hand_backward=self.cfg.hand_backward, **common)
         return y.to(out_dtype), state
+
+    def backend(self, device_type: str) -> str:
+        """The chunk loop's backend on this device (``resolve_backend``); warns once when ``auto`` falls
+        back from the kernel."""
+        backend, reason = resolve_backend(self.cfg, self.head_dim, device_type)
+        if reason and not _warned.get(reason):
+            _warned[reason] = True
+            warnings.warn(f"memory.backend=auto runs the compiled chunk loop, not the Triton kernel: {reason}", stacklevel=2)
+        return backend
 
     def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:
         """Read without writing ("M*"), at the weights of the last chunk boundary: (B, H, N, d).

@@ -186,8 +186,8 @@ def layer_update(r, w, s, h, delta, A, Bm, mixing, ends, D):
         W_end = A_b W' + Bm_b S' - sum_i C_bi delta_i h_i^T
         S_end = E S' - sum_i F_i delta_i h_i^T
 
-    ``ends`` (BH, 3) holds ``A_b, Bm_b, E`` and ``D`` (BH, b, 1 or 2) holds ``C_b,i`` and ``F_i``. The
-    weight-sized work of a chunk is all here (the fused kernel in ``triton_kernels`` does the same)."""
+    ``ends`` (BH, 3) holds ``A_b, Bm_b, E`` and ``D`` (BH, b, 2) holds ``C_b,i`` and ``F_i``. The
+    weight-sized work of a chunk is all here (the kernels in ``triton_scan`` do the same)."""
     linear = A.unsqueeze(-1) * (r @ w.transpose(-1, -2))
     w_end = w * ends[:, 0, None, None]
     if s is not None:
@@ -201,21 +201,18 @@ def layer_update(r, w, s, h, delta, A, Bm, mixing, ends, D):
     return z, w_end, s_end
 
 
-def _chunk_step(weights, momenta, q, k, v, A, Bm, C, P, ends, D, ln, eps, fused=False, cache=None):
+def _chunk_step(weights, momenta, q, k, v, A, Bm, C, P, ends, D, ln, eps, cache=None):
     """One chunk: inner gradients at the chunk-start weights, dual-form reads of every ``W_t``, and the
     state at the chunk's end. Flattened over (batch, head): q/k/v (BH, b, d); ``P = C * (q k^T)`` is the
     first layer's read mixing, which needs no weights and is computed for all chunks at once.
     ``momenta`` is empty without momentum; ``cache`` (a dict) receives what ``_chunk_backward`` needs."""
     inputs, deltas = _inner_gradient(k, v, weights, ln, eps, cache)
-    update = layer_update
-    if fused:
-        from .triton_kernels import fused_layer_update as update
     r = q
     new_w, new_s, reads, mixings = [], [], [], []
     for layer in range(len(weights)):
         mixing = P if layer == 0 else C * (r @ inputs[layer].transpose(-1, -2))
         s = momenta[layer] if momenta else None
-        z, w_end, s_end = update(r, weights[layer], s, inputs[layer], deltas[layer], A, Bm, mixing, ends, D)
+        z, w_end, s_end = layer_update(r, weights[layer], s, inputs[layer], deltas[layer], A, Bm, mixing, ends, D)
         new_w.append(w_end)
         if s_end is not None:
             new_s.append(s_end)
@@ -239,7 +236,7 @@ def compiled(fn):
     return _compiled[fn]
 
 
-def _chunk_group(depth, n_state, ln, eps, compile_step, fused, *tensors):
+def _chunk_group(depth, n_state, ln, eps, compile_step, *tensors):
     """Runs consecutive chunks; a separate function so that it can be recomputed in backward.
     ``tensors``: the ``n_state`` state tensors (W per layer, then S per layer), then the per-chunk inputs."""
     weights, momenta = list(tensors[:depth]), list(tensors[depth:n_state])
@@ -248,7 +245,7 @@ def _chunk_group(depth, n_state, ln, eps, compile_step, fused, *tensors):
     per_chunk = zip(*(t.unbind(1) for t in tensors[n_state:]))
     ys = []
     for chunk in per_chunk:
-        y, weights, momenta = step(weights, momenta, *chunk, ln, eps, fused)
+        y, weights, momenta = step(weights, momenta, *chunk, ln, eps)
         ys.append(y)
     return (torch.stack(ys, 1), *weights, *momenta)
 
@@ -377,7 +374,7 @@ class _MemoryScan(torch.autograd.Function):
     forward from its kept state when needed. Both give identical gradients (the same operations)."""
 
     @staticmethod
-    def forward(ctx, depth, n_state, ln_gamma, ln_beta, eps, every, compile, fused, *tensors):
+    def forward(ctx, depth, n_state, ln_gamma, ln_beta, eps, every, compile, *tensors):
         step = compiled(_chunk_step) if compile else _chunk_step
         # contiguous and detached: every chunk then passes tensors of one layout (one compiled graph)
         states = [t.detach().contiguous() for t in tensors[:n_state]]
@@ -391,10 +388,10 @@ class _MemoryScan(torch.autograd.Function):
             cache = {} if every == 0 else None
             if every == 0 or c % every == 0:
                 kept.append((states, cache))
-            y[:, c], new_w, new_s = step(states[:depth], states[depth:], *(t[c] for t in per_chunk), ln, eps, fused, cache=cache)
+            y[:, c], new_w, new_s = step(states[:depth], states[depth:], *(t[c] for t in per_chunk), ln, eps, cache=cache)
             states = [*new_w, *new_s]
         ctx.depth, ctx.n_state, ctx.eps, ctx.every, ctx.kept = depth, n_state, eps, every, kept
-        ctx.compile, ctx.fused = compile, fused
+        ctx.compile = compile
         ctx.save_for_backward(*(t for t in (ln_gamma, ln_beta) if t is not None), *per_chunk)
         ctx.has_ln = ln_gamma is not None
         return (y, *states)
@@ -402,7 +399,7 @@ class _MemoryScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, *g_end):
-        depth, every, kept, fused = ctx.depth, ctx.every, ctx.kept, ctx.fused
+        depth, every, kept = ctx.depth, ctx.every, ctx.kept
         step, step_backward = (compiled(_chunk_step), compiled(_chunk_backward)) if ctx.compile else (_chunk_step, _chunk_backward)
         saved = ctx.saved_tensors
         ln = tuple(saved[:2]) if ctx.has_ln else None
@@ -422,7 +419,7 @@ class _MemoryScan(torch.autograd.Function):
                 for c in range(start, stop):
                     cache = {}
                     entries.append((states, cache))
-                    _, new_w, new_s = step(states[:depth], states[depth:], *(t[c] for t in per_chunk), ln, ctx.eps, fused, cache=cache)
+                    _, new_w, new_s = step(states[:depth], states[depth:], *(t[c] for t in per_chunk), ln, ctx.eps, cache=cache)
                     states = [*new_w, *new_s]
             for c in range(stop - 1, start - 1, -1):
                 states, cache = entries[c - start]
@@ -437,7 +434,7 @@ class _MemoryScan(torch.autograd.Function):
                     g_ln[0] += g_gamma
                     g_ln[1] += g_beta
         g_ln = g_ln or [None, None]
-        return (None, None, *g_ln, None, None, None, None, *g_state, *(grads[name].transpose(0, 1) for name in _PER_CHUNK))
+        return (None, None, *g_ln, None, None, None, *g_state, *(grads[name].transpose(0, 1) for name in _PER_CHUNK))
 
 
 def _with_pending(state: MemoryState, q, k, v, theta, log_eta, log_decay):
@@ -470,8 +467,7 @@ def chunked_memory(
     eps: float = 1e-5,
     momentum: bool = True,
     checkpoint_every: int = 0,
-    compile: bool = False,
-    fused: bool = False,
+    backend: str = "eager",
     hand_backward: bool = True,
 ) -> tuple[Tensor, MemoryState]:
     """Writes ``k -> v`` into the memory and reads ``y_t = M_{W_t}(q_t)`` for every token (fast path).
@@ -479,10 +475,11 @@ def chunked_memory(
     q, k, v: (B, H, N, d); theta, log_eta (log of eta), log_decay (log of 1 - alpha): (B, H, N).
     ``ln`` is the (H, d) scale and shift of the memory's LayerNorm (depth >= 2). ``checkpoint_every = k``
     keeps the state only every k chunks and recomputes the rest in backward (activation memory ~ N / k);
-    ``compile`` runs the chunk step through torch.compile; ``fused`` runs each layer's read and state
-    update in one Triton kernel (GPU, or TRITON_INTERPRET=1 for testing on CPU). In training the chunk loop is
-    one autograd node with a hand-written backward (``hand_backward=False``: autograd through every step
-    instead, for comparison). Returns y (B, H, N, d) and the state after the last token.
+    ``backend``: ``eager`` (PyTorch, chunk by chunk), ``compiled`` (the chunk step and its backward through
+    torch.compile) or ``triton`` (the whole loop in one kernel launch each way, ``triton_scan``; GPU, or
+    TRITON_INTERPRET=1 on CPU for testing). In training the eager and compiled loops are one autograd node
+    with a hand-written backward (``hand_backward=False``: autograd through every step instead, for
+    comparison). Returns y (B, H, N, d) and the state after the last token.
     """
     B, H, N, d = q.shape
     n_pending = state.num_pending
@@ -501,7 +498,7 @@ def chunked_memory(
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
     A, Bm, C, E, Fm = chunk_coefficients(chunks(theta), chunks(log_eta), chunks(log_decay), momentum)
     ends = torch.stack([A[..., -1], Bm[..., -1], E], -1)  # what the state keeps over a whole chunk
-    D = torch.stack([C[..., -1, :], Fm], -1) if momentum else C[..., -1, :, None]
+    D = torch.stack([C[..., -1, :], Fm], -1)  # without momentum the second column is never used
     ln_flat = None
     if ln is not None:
         ln_flat = tuple(p.unsqueeze(0).expand(B, H, d).reshape(B * H, 1, d) for p in ln)
@@ -510,12 +507,15 @@ def chunked_memory(
     states = [w.reshape(B * H, *w.shape[2:]) for w in state.weights]
     if momentum:
         states += [s.reshape(B * H, *s.shape[2:]) for s in state.momentum]
+    elif backend == "triton":  # the kernel always carries S; eta = 0 makes it unused (Bm = E = 0)
+        states += [torch.zeros_like(w) for w in states]
     n_state = len(states)
     P = C * (qc @ kc.transpose(-1, -2))
     per_chunk = (qc, kc, vc, A, Bm, C, P, ends, D)
     # The default eager path is one autograd node over all chunks that keeps its own recomputation groups.
     hand = hand_backward and torch.is_grad_enabled()
-    group = checkpoint_every if checkpoint_every > 0 and not hand else n_chunks
+    compile_step = backend == "compiled"
+    group = checkpoint_every if checkpoint_every > 0 and not hand and backend != "triton" else n_chunks
     ys = []
     for start in range(0, n_chunks, group):
         stop = min(start + group, n_chunks)
@@ -523,17 +523,21 @@ def chunked_memory(
         full_stop = min(stop, n_full)
         if full_stop > start:
             args = [*states, *(t[:, start:full_stop] for t in per_chunk)]
-            if hand and any(t.requires_grad for t in args):
-                out = _MemoryScan.apply(depth, n_state, *(ln_flat or (None, None)), eps, checkpoint_every, compile, fused, *args)
+            if backend == "triton":
+                from .triton_scan import triton_scan
+
+                out = triton_scan(states, args[n_state:], depth, ln_flat, eps, checkpoint_every or 1)
+            elif hand and any(t.requires_grad for t in args):
+                out = _MemoryScan.apply(depth, n_state, *(ln_flat or (None, None)), eps, checkpoint_every, compile_step, *args)
             elif checkpoint_every > 0 and torch.is_grad_enabled():
-                out = checkpoint(_chunk_group, depth, n_state, ln_flat, eps, compile, fused, *args, use_reentrant=False)
+                out = checkpoint(_chunk_group, depth, n_state, ln_flat, eps, compile_step, *args, use_reentrant=False)
             else:
-                out = _chunk_group(depth, n_state, ln_flat, eps, compile, fused, *args)
+                out = _chunk_group(depth, n_state, ln_flat, eps, compile_step, *args)
             ys.append(out[0])
             states = list(out[1:])
         if stop > full_stop:  # the partial chunk
             args = [*states, *(t[:, n_full:] for t in per_chunk)]
-            ys.append(_chunk_group(depth, n_state, ln_flat, eps, False, fused, *args)[0])  # odd shape: not worth a compile
+            ys.append(_chunk_group(depth, n_state, ln_flat, eps, False, *args)[0])  # odd shape: not worth a compile
     end_w = tuple(w.reshape(B, H, *w.shape[1:]) for w in states[:depth])
     if momentum:
         end_s = tuple(s.reshape(B, H, *s.shape[1:]) for s in states[depth:])

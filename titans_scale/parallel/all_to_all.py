@@ -33,7 +33,7 @@ class _HeadView:
     """What ``NeuralMemory.memorize`` reads of its module, for a slice of its heads."""
 
     def __init__(self, memory: NeuralMemory, heads: slice):
-        self.cfg, self.shapes, self.reference = memory.cfg, memory.shapes, memory.reference
+        self.cfg, self.shapes, self.reference, self.backend = memory.cfg, memory.shapes, memory.reference, memory.backend
         self.heads = heads.stop - heads.start
         self.ln = None if memory.ln is None else tuple(p[heads] for p in memory.ln)
 
