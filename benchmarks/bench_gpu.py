@@ -1,11 +1,18 @@
-"""The GPU path in one short run: exactness of autograd's backward (vs. the hand-written one), the fused
-Triton kernel, torch.compile and bf16 autocast on CUDA against the eager path, then speed and peak memory
-side by side (issue: scale and speed).
+"""The GPU path in one prepared run that always reports: the Triton scan against the eager path on CUDA,
+the memory layer alone with each backend at the 760M shape, then training throughput of every variant at
+the paper's sizes, side by side with the Transformer++ (issue: Titans layers at GPU speed).
 
-    python benchmarks/bench_gpu.py [--budget 420] [--lengths 2048 4096 8192 16384] [--sections model ...]
+    python benchmarks/bench_gpu.py [--budget 480] [--sections exactness layer models]
+                                   [--sizes 760M 170M] [--lengths 4096 16384 32768]
+    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --device cpu --smoke   # this script's own check
 
-Needs only torch (and triton) on the GPU machine: the memory and the model zoo import nothing else.
-Sections that would run past ``--budget`` seconds are skipped (and say so), so the run always reports.
+Sections and points run in order of importance; one that would start after ``--budget`` seconds is
+skipped and says so, and a failure prints one line and the run goes on. Model rows: fwd+bwd+AdamW step
+under bf16 autocast (fp32 master weights, fp32 memory state), the paper configuration of each size
+(``paper_config``: equal parameters across variants, window 2048, segment 512, chunk 16,
+``memory.checkpoint_every=8`` as in the paper recipes, ``memory.backend=auto``), micro-batch 1 and the
+largest power-of-two micro-batch that fits (up to 64K tokens per micro-batch). MFU counts the model's
+FLOPs per token (``model_stats``, fwd+bwd = 3x forward) against ``--peak`` (H200/H100 dense bf16: 989e12).
 """
 
 from __future__ import annotations
@@ -17,14 +24,15 @@ from dataclasses import replace
 import torch
 
 from titans_scale.memory import MemoryConfig, NeuralMemory
-from titans_scale.models import ModelConfig, build_model, parameter_count
+from titans_scale.models import build_model, model_stats, paper_config
 
 START = time.time()
-SECTIONS = ["exactness", "memory", "layer", "model"]
+SECTIONS = ["exactness", "layer", "models"]
+VARIANTS = ("transformer", "swa", "lmm", "mac", "mag", "mal")
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
+def sync(dev) -> None:
+    if dev.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -32,187 +40,216 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def layer_run(cfg: MemoryConfig, x: torch.Tensor, dim=256, heads=4, seed=1):
-    torch.manual_seed(seed)
-    mem = NeuralMemory(dim, heads, cfg).to(x.device, x.dtype)
+def over_budget(args, what: str) -> bool:
+    if time.time() - START > args.budget:
+        print(f"# budget reached ({args.budget:.0f} s): {what} skipped", flush=True)
+        return True
+    return False
+
+
+def guarded(what: str, fn):
+    """Run ``fn``; a failure (out of memory included) is one line, and the run goes on."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - report and go on
+        line = (str(e).splitlines() or [""])[0][:200]
+        print(f"# {what}: FAILED {type(e).__name__}: {line}", flush=True)
+        return None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# exactness: the kernel against the eager path, on this device
+
+
+def layer_run(cfg: MemoryConfig, x: torch.Tensor, dim: int, heads: int, pieces=None):
+    torch.manual_seed(1)
+    mem = NeuralMemory(dim, heads, cfg).double()
+    with torch.no_grad():  # gates that vary per token (the defaults make them nearly constant)
+        for proj in (mem.to_theta, mem.to_eta, mem.to_alpha):
+            proj.weight.normal_(std=0.5)
+    mem = mem.to(x.device, x.dtype)
     xi = x.clone().requires_grad_()
-    y, state = mem(xi)
-    y.float().square().mean().backward()
-    return y.detach(), [w.detach() for w in state.memory.weights], [p.grad for p in mem.parameters()] + [xi.grad]
+    outs, state, start = [], None, 0
+    for n in pieces or [x.shape[1]]:
+        y, state = mem(xi[:, start:start + n], state)
+        outs.append(y)
+        start += n
+    y = torch.cat(outs, 1)
+    (y.square().mean() + sum(w.square().mean() for w in state.memory.weights)).backward()
+    return y.detach(), [w.detach() for w in state.memory.tensors()], [p.grad for p in mem.parameters()] + [xi.grad]
 
 
-def exactness(dev, n: int) -> None:
-    print("## exactness on CUDA (max |diff| / max |eager|)")
-    base = MemoryConfig(depth=2, expansion=4, chunk_size=16)
-    for dtype in (torch.float64, torch.float32):
-        x = torch.randn(2, n, 256, device=dev, dtype=dtype)  # n = 1000: a partial last chunk
-        y0, w0, g0 = layer_run(base, x)
-        for name, cfg in (("autograd", replace(base, hand_backward=False)), ("fused", replace(base, fused_kernel=True)),
-                          ("compiled", replace(base, compile=True))):
-            if name == "compiled" and dtype == torch.float64:
-                continue
-            try:
-                y1, w1, g1 = layer_run(cfg, x)
-                print(f"{str(dtype):>14} {name:>9} vs eager: outputs {rel(y1, y0):.1e}  state "
-                      f"{max(rel(a, b) for a, b in zip(w1, w0)):.1e}  gradients {max(rel(a, b) for a, b in zip(g1, g0)):.1e}")
-            except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"{str(dtype):>14} {name:>9}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    # bf16 autocast: a small MAG model, loss and gradients vs float32; the memory state stays float32
-    torch.manual_seed(0)
-    cfg = ModelConfig(variant="mag", vocab_size=4096, dim=256, n_layers=2, n_heads=4, window=256, persistent_tokens=16,
-                      memory=MemoryConfig(chunk_size=16))
-    model = build_model(cfg).to(dev)
-    tokens = torch.randint(0, 4096, (2, n), device=dev)
-    loss32 = model.loss(tokens)
-    g32 = torch.autograd.grad(loss32, list(model.parameters()))
-    with torch.autocast(dev.type, dtype=torch.bfloat16):
-        loss16 = model.loss(tokens)
-        _, state = model(tokens[:, :64])
-    g16 = torch.autograd.grad(loss16, list(model.parameters()))
-    cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in g16]).double(),
-                                                torch.cat([g.flatten() for g in g32]).double(), dim=0).item()
-    mem_state = state.layers[0][0].memory.memory.weights[0].dtype
-    print(f"bf16 autocast vs fp32 (mag): loss {loss16.item():.5f} vs {loss32.item():.5f} (rel {abs(loss16.item() / loss32.item() - 1):.1e}), "
-          f"gradient cosine {cos:.5f}, memory state dtype {mem_state}")
-
-
-def within_budget(lengths, budget: float):
-    """The lengths to run, until the script has used ``budget`` seconds."""
-    for n in lengths:
-        if time.time() - START > budget:
-            print(f"# budget reached: lengths from {n} skipped")
+def exactness(dev, args) -> None:
+    print("## exactness: memory.backend=triton vs eager on this device (max |diff| / max |reference|)")
+    print("# float64: both against eager float64; float32: kernel and eager float32 both against eager float64")
+    cases = [("depth 2, d 64, b 16", dict(depth=2, chunk_size=16), 64, 4, None),
+             ("depth 2, d 96, b 16, pieces", dict(depth=2, chunk_size=16), 96, 4, [333, 16, 651]),
+             ("depth 1, d 64, b 16", dict(depth=1, chunk_size=16), 64, 4, None),
+             ("depth 2, d 64, b 64", dict(depth=2, chunk_size=64), 64, 4, None)]
+    if args.smoke:
+        cases = [("depth 2, d 16, b 16, pieces", dict(depth=2, expansion=2, chunk_size=16), 16, 2, [21, 16, 11])]
+    n = sum(cases[0][4] or [args.exact_length]) if args.smoke else args.exact_length
+    for name, mem_cfg, d, heads, pieces in cases:
+        if over_budget(args, f"exactness {name}"):
             return
-        yield n
+        length = sum(pieces) if pieces else n
+        x = torch.randn(2, length, d * heads, device=dev, dtype=torch.float64)
+
+        def one():
+            ref = layer_run(MemoryConfig(**mem_cfg), x, d * heads, heads)
+            for dtype in (torch.float64, torch.float32):
+                kernel = layer_run(MemoryConfig(**mem_cfg, backend="triton"), x.to(dtype), d * heads, heads, pieces)
+                line = (f"{name:>28} {str(dtype):>14}: triton outputs {rel(kernel[0], ref[0]):.1e} state "
+                        f"{max(rel(a, b) for a, b in zip(kernel[1], ref[1]) if b.numel()):.1e} gradients "
+                        f"{max(rel(a, b) for a, b in zip(kernel[2], ref[2])):.1e}")
+                if dtype == torch.float32:
+                    eager = layer_run(MemoryConfig(**mem_cfg), x.to(dtype), d * heads, heads)
+                    line += (f" | eager fp32 outputs {rel(eager[0], ref[0]):.1e} gradients "
+                             f"{max(rel(a, b) for a, b in zip(eager[2], ref[2])):.1e}")
+                print(line, flush=True)
+
+        guarded(f"exactness {name}", one)
 
 
-def timed(fn, repeats: int = 2) -> float:
-    fn()  # warm-up (compilation, autotuning)
-    sync()
+# ----------------------------------------------------------------------------------------------------
+# the memory layer alone
+
+
+def timed(dev, fn, repeats: int) -> float:
+    fn()  # warm-up: compilation, autotuning, allocator
+    sync(dev)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync()
+        sync(dev)
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def layer_speed(dev, lengths, budget) -> None:
-    print("## memory layer fwd+bwd tokens/s (dim 256, 4 heads, depth 2, e 4, b 16, batch 1, fp32)")
-    paths = {"eager": MemoryConfig(depth=2, expansion=4, chunk_size=16)}
-    paths["autograd"] = replace(paths["eager"], hand_backward=False)
-    paths["fused"] = replace(paths["eager"], fused_kernel=True)
-    paths["compiled"] = replace(paths["eager"], compile=True)
-    print(f"{'N':>6} " + " ".join(f"{p:>10}" for p in paths))
-    seconds = {p: {} for p in paths}
-    for n in within_budget(lengths, budget):
-        x = torch.randn(1, n, 256, device=dev)
-        for p, cfg in paths.items():
-            torch.manual_seed(0)
-            mem = NeuralMemory(256, 4, cfg).to(dev)
-
-            def step():
-                y, _ = mem(x)
-                y.square().mean().backward()
-
-            seconds[p][n] = timed(step)
-        print(f"{n:>6} " + " ".join(f"{n / seconds[p][n]:>10.0f}" for p in paths), flush=True)
-    for p in paths:
-        done = sorted(seconds[p])
-        if len(done) > 1:
-            print(f"{p:>9}: t({done[-1]})/t({done[0]}) = {seconds[p][done[-1]] / seconds[p][done[0]]:.2f} "
-                  f"(linear {done[-1] / done[0]:.1f})")
-
-
-def model_config(variant: str, **overrides) -> ModelConfig:
-    base = dict(variant=variant, vocab_size=32000, dim=768, n_layers=4, n_heads=12, persistent_tokens=64,
-                segment_len=512, window=512, memory=MemoryConfig(depth=2, expansion=4, chunk_size=16, compile=True))
-    base.update(overrides)
-    return ModelConfig(**base)
-
-
-def model_speed(dev, lengths, budget) -> None:
-    variants = ("transformer", "swa", "lmm", "mac", "mag", "mal")
-    target = parameter_count(model_config("mag"))
-
-    def matched(v):
-        h = min(range(256, 8192, 64), key=lambda h: abs(parameter_count(model_config(v, mlp_hidden=h)) - target))
-        return model_config(v, mlp_hidden=h)
-
-    print(f"## model fwd+bwd tokens/s, bf16 autocast, batch 1, dim 768, 4 layers, 12 heads, window/segment 512, "
-          f"compiled memory step and backward, ~{target / 1e6:.0f}M parameters each")
-    print(f"{'N':>6} " + " ".join(f"{v:>11}" for v in variants))
-    seconds = {v: {} for v in variants}
-    for n in within_budget(lengths, budget):
-        tokens = torch.randint(0, 32000, (1, n + 1), device=dev)
-        for v in variants:
-            torch.manual_seed(0)
-            model = build_model(matched(v)).to(dev)
-
-            def step():
-                with torch.autocast(dev.type, dtype=torch.bfloat16):
-                    loss = model.loss(tokens)
-                loss.backward()
-
-            seconds[v][n] = timed(step, repeats=1)
-            del model
-        print(f"{n:>6} " + " ".join(f"{n / seconds[v][n]:>11.0f}" for v in variants), flush=True)
-    done = sorted(seconds["mag"])
-    if len(done) > 1:
-        lo, hi = done[0], done[-1]
-        for v in variants:
-            print(f"{v:>11}: t({hi})/t({lo}) = {seconds[v][hi] / seconds[v][lo]:.2f} (linear {hi / lo:.1f}); "
-                  f"vs transformer at {hi}: {seconds['transformer'][hi] / seconds[v][hi]:.2f}x the tokens/s")
-
-
-def peak_memory(dev, n, budget) -> None:
-    if time.time() - START > budget:
-        print("# budget reached: peak memory skipped")
-        return
-    print(f"## peak GPU memory of one LMM training step at N={n} (bf16 autocast, eager memory path)")
-    rows = (("no recomputation", {}), ("memory.checkpoint_every=16", {"checkpoint_every": 16}),
-            ("+ activation_checkpointing", {"checkpoint_every": 16, "act": True}))
-    tokens = torch.randint(0, 32000, (1, n + 1), device=dev)
-    peaks = []
-    for name, opts in rows:
-        cfg = model_config("lmm", memory=MemoryConfig(depth=2, expansion=4, chunk_size=16,
-                                                      checkpoint_every=opts.get("checkpoint_every", 0)),
-                           activation_checkpointing=opts.get("act", False))
+def layer_speed(dev, args) -> None:
+    dim, heads, batch, n = (1536, 16, 4, 4096) if not args.smoke else (32, 2, 2, 64)
+    print(f"## memory layer alone, fwd+bwd, the 760M shape: dim {dim}, {heads} heads (d {dim // heads}), depth 2, "
+          f"e 4, b 16, N {n}, micro-batch {batch}, bf16 autocast (fp32 state), checkpoint_every 8")
+    x = torch.randn(batch, n, dim, device=dev)
+    seconds = {}
+    for backend in ("triton", "eager") if args.smoke else ("triton", "compiled", "eager"):
+        if over_budget(args, f"layer {backend}"):
+            break
+        cfg = MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=8, backend=backend)
         torch.manual_seed(0)
-        model = build_model(cfg).to(dev)
-        sync()
+        mem = NeuralMemory(dim, heads, cfg).to(dev)
+
+        def step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                y, _ = mem(x)
+            y.float().square().mean().backward()
+
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        t = guarded(f"layer {backend}", lambda: timed(dev, step, 1 if backend == "eager" else 3))
+        if t is None:
+            continue
+        seconds[backend] = t
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+        print(f"{backend:>9}: {batch * n / t:>10.0f} tokens/s  peak {peak:6.1f} GiB", flush=True)
+    if "eager" in seconds:
+        for backend, t in seconds.items():
+            print(f"{backend:>9}: {seconds['eager'] / t:.1f}x the eager path's tokens/s")
+
+
+# ----------------------------------------------------------------------------------------------------
+# training throughput of the models
+
+
+def train_step_time(dev, cfg, batch: int, n: int, repeats: int) -> tuple[float, float]:
+    """Seconds of one fwd+bwd+AdamW step and the peak GiB, bf16 autocast with fp32 master weights."""
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = build_model(cfg)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, n + 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss = model.loss(tokens)
         loss.backward()
-        sync()
-        peaks.append(((torch.cuda.max_memory_allocated() if dev.type == "cuda" else 1) - base) / 2**20)
-        print(f"{name:>28}: {peaks[-1]:8.0f} MiB above the weights ({peaks[-1] / peaks[0]:.2f} of no recomputation)", flush=True)
-        del model, loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        t = timed(dev, step, repeats)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+        return t, peak
+    finally:
+        del model, opt, tokens
+
+
+def model_speed(dev, args) -> None:
+    print("## training throughput per GPU (fwd+bwd+AdamW, bf16 autocast): tokens/s | peak GiB | MFU; "
+          "x = tokens/s / the Transformer++'s at the same size, length and micro-batch")
+    for size in args.sizes:
+        for n in args.lengths:
+            for batch_rule in ("1", "max"):
+                if over_budget(args, f"{size} N={n} micro-batch {batch_rule}"):
+                    return
+                print(f"# {size}, N {n}, micro-batch {batch_rule}", flush=True)
+                rates = {}
+                for variant in VARIANTS:
+                    if over_budget(args, f"{size} {variant} N={n}"):
+                        return
+                    cfg = paper_config(size, variant)
+                    cfg = replace(cfg, memory=replace(cfg.memory, checkpoint_every=8, backend="auto"))
+                    if args.smoke:
+                        cfg = replace(cfg, dim=32, n_heads=2, n_layers=1, mlp_hidden=64, vocab_size=256, window=16,
+                                      segment_len=16, persistent_tokens=4, memory=replace(cfg.memory, expansion=2))
+                    _, flops = model_stats(cfg, n)
+                    batches = [1] if batch_rule == "1" else [b for b in (2, 4, 8, 16, 32) if b * n <= args.max_tokens]
+                    best = None
+                    for batch in batches:
+                        got = guarded(f"{size} {variant} N={n} mb={batch}",
+                                      lambda: train_step_time(dev, cfg, batch, n, 1 if args.smoke else 2))
+                        if got is None:
+                            break  # out of memory (or another failure): the previous micro-batch is the largest
+                        rate = batch * n / got[0]
+                        if best is None or rate > best[0]:
+                            best = (rate, got[1], batch)
+                    if best is None:
+                        continue
+                    rate, peak, batch = best
+                    rates[variant] = rate
+                    mfu = rate * 3 * flops / args.peak
+                    ratio = f"{rate / rates['transformer']:.2f}x" if "transformer" in rates else "-"
+                    print(f"{size:>5} N {n:>6} mb {batch:>2} {variant:>11}: {rate:>9.0f} tok/s | {peak:6.1f} GiB | "
+                          f"MFU {100 * mfu:5.1f}% | {ratio}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which sections are skipped")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    parser.add_argument("--exact-length", type=int, default=1000)
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds after which points are skipped")
     parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
+    parser.add_argument("--sizes", nargs="+", default=["760M", "170M"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--max-tokens", type=int, default=65536, help="largest micro-batch x length tried")
+    parser.add_argument("--exact-length", type=int, default=1000, help="tokens of the exactness check (a ragged end)")
+    parser.add_argument("--peak", type=float, default=989e12, help="peak dense bf16 FLOP/s of one GPU (H100/H200)")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (TRITON_INTERPRET=1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu for a smoke test)")
+        raise SystemExit("bench_gpu.py needs a CUDA GPU (or --device cpu --smoke with TRITON_INTERPRET=1)")
+    if args.smoke:
+        args.lengths, args.sizes, args.max_tokens = [32], ["170M"], 64
     dev = torch.device(args.device)
-    print(f"# torch {torch.__version__}, {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}")
-    if "exactness" in args.sections:
-        exactness(dev, args.exact_length)
-    if "memory" in args.sections:
-        peak_memory(dev, args.lengths[-1], args.budget)
-    if "layer" in args.sections:
-        layer_speed(dev, [1024] + args.lengths, args.budget * 0.5)
-    if "model" in args.sections:
-        model_speed(dev, args.lengths, args.budget)
+    print(f"# torch {torch.__version__}, {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}", flush=True)
+    for section, fn in (("exactness", exactness), ("layer", layer_speed), ("models", model_speed)):
+        if section in args.sections:
+            fn(dev, args)
     print(f"# done in {time.time() - START:.0f} s")
 
 

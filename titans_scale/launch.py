@@ -34,6 +34,24 @@ def worker_count(cfg) -> tuple[int, bool]:
     return (int(env["WORLD_SIZE"]), True) if env else (cfg.nproc, False)
 
 
+def memory_backend(cfg) -> str:
+    """How the memory's chunk loop will run on this machine, for the plan; a backend that cannot run here
+    (memory.backend=triton without a GPU) is refused before any worker starts."""
+    import torch
+
+    from titans_scale.config import ConfigError
+    from titans_scale.memory.layer import resolve_backend
+
+    if cfg.model.variant in ("transformer", "swa"):
+        return "no memory"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        backend, reason = resolve_backend(cfg.model.memory, cfg.model.dim // cfg.model.n_heads, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return f"memory backend {backend} on {device}" + (f" (not triton: {reason})" if reason else "")
+
+
 def dry_run(cfg, world_size: int) -> None:
     """Print the resolved recipe and what the run would do; build and check the data."""
     from omegaconf import OmegaConf
@@ -47,7 +65,7 @@ def dry_run(cfg, world_size: int) -> None:
     params, flops = model_stats(cfg.model, plan.seq_len)
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip())
     print(f"[plan] {cfg.model.variant}: {human(params)} parameters, {human(3 * flops)} FLOPs per token (fwd+bwd) | "
-          f"{plan.describe()}")
+          f"{memory_backend(cfg)} | {plan.describe()}")
     from titans_scale.submit import estimate_line
 
     print(estimate_line(cfg, plan))  # GPU-hours at 40% MFU of an H100 (train.peak_flops for another GPU)
@@ -104,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from titans_scale.train.engine import make_plan
 
             make_plan(cfg, world_size)  # batch arithmetic and the checkpoint, before any worker starts
+            memory_backend(cfg)
             if world_size > 1:
                 return spawn_workers(argv, world_size)
         from titans_scale.train.engine import train

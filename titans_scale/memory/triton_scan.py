@@ -52,9 +52,10 @@ def scan_supported(depth: int, chunk_size: int, head_dim: int, expansion: int, h
     return None
 
 
-def _block_h(hidden: int) -> int:
-    """The largest hidden tile in (64, 32, 16) that divides the hidden width."""
-    return next(b for b in (64, 32, 16) if hidden % b == 0)
+def _block_h(hidden: int, block_d: int) -> int:
+    """The largest hidden tile in (64, 32, 16) that divides the hidden width and keeps a weight tile
+    (block_d x tile) within 4K elements: the backward holds eight of them at once (not tuned on a GPU yet)."""
+    return next(b for b in (64, 32, 16) if hidden % b == 0 and (b * block_d <= 4096 or b == 16))
 
 
 if triton is not None:
@@ -521,9 +522,10 @@ def _unpack(packed: Tensor, like: list[Tensor], depth: int) -> list[Tensor]:
 def _meta(q: Tensor, depth: int, hidden: int):
     BH, NC, b, d = q.shape
     block_d = max(MIN_DOT, triton.next_power_of_2(d))
-    block_h = _block_h(hidden) if depth == 2 else MIN_DOT
-    prec = "ieee" if q.dtype == torch.float32 else None
-    return BH, NC, b, d, block_d, block_h, prec
+    block_h = _block_h(hidden, block_d) if depth == 2 else MIN_DOT
+    prec = "ieee" if q.dtype == torch.float32 else None  # exact fp32 products (tf32 would break equality with eager)
+    warps = 8 if block_d * max(b, block_h) >= 4096 else 4
+    return BH, NC, b, d, block_d, block_h, prec, warps
 
 
 class _TritonScan(torch.autograd.Function):
@@ -532,7 +534,7 @@ class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, depth, hidden, eps, every, gamma, beta, state, q, k, v, A, Bm, C, P, ends, D):
         _check_device(q)
-        BH, NC, b, d, block_d, block_h, prec = _meta(q, depth, hidden)
+        BH, NC, b, d, block_d, block_h, prec, warps = _meta(q, depth, hidden)
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
         every = max(1, min(every, NC))
         n_kept = -(-NC // every)
@@ -545,7 +547,7 @@ class _TritonScan(torch.autograd.Function):
         inputs = [t.contiguous() for t in (q, k, v, A, Bm, C, P, ends, D)]
         _scan_fwd_kernel[(BH,)](
             work, kept, y, *inputs, gamma, beta, NC, d, hidden, work.shape[1], kept.shape[1], every, eps,
-            DEPTH=depth, SAVE=save, B=b, BD=block_d, BLOCK_H=block_h, PREC=prec,
+            DEPTH=depth, SAVE=save, B=b, BD=block_d, BLOCK_H=block_h, PREC=prec, num_warps=warps,
         )
         ctx.depth, ctx.hidden, ctx.eps, ctx.every, ctx.has_ln = depth, hidden, eps, every, depth == 2
         ctx.save_for_backward(gamma, beta, kept, *inputs)
@@ -556,7 +558,7 @@ class _TritonScan(torch.autograd.Function):
     def backward(ctx, gy, g_end):
         gamma, beta, kept, q, k, v, A, Bm, C, P, ends, D = ctx.saved_tensors
         depth, hidden, every = ctx.depth, ctx.hidden, ctx.every
-        BH, NC, b, d, block_d, block_h, prec = _meta(q, depth, hidden)
+        BH, NC, b, d, block_d, block_h, prec, warps = _meta(q, depth, hidden)
         sz = kept.shape[-1]
 
         g_state = (torch.zeros(BH, sz, dtype=q.dtype, device=q.device) if g_end is None else g_end.clone()).contiguous()
@@ -568,7 +570,7 @@ class _TritonScan(torch.autograd.Function):
         _scan_bwd_kernel[(BH,)](
             kept, scratch, tmp, g_state, gy, q, k, v, A, Bm, C, P, ends, D, gamma, beta, *grads, g_gamma, g_beta,
             NC, d, hidden, sz, kept.shape[1], every, ctx.eps,
-            DEPTH=depth, B=b, BD=block_d, BLOCK_H=block_h, PREC=prec,
+            DEPTH=depth, B=b, BD=block_d, BLOCK_H=block_h, PREC=prec, num_warps=warps,
         )
         g_ln = (g_gamma, g_beta) if ctx.has_ln else (None, None)
         return (None, None, None, None, *g_ln, g_state, *grads)
