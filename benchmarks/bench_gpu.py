@@ -100,12 +100,13 @@ def exactness(dev, args) -> None:
 
         def one():
             ref = layer_run(MemoryConfig(**mem_cfg), x, d * heads, heads)
-            for dtype in (torch.float64, torch.float32):
-                kernel = layer_run(MemoryConfig(**mem_cfg, backend="triton"), x.to(dtype), d * heads, heads, pieces)
-                line = (f"{name:>28} {str(dtype):>14}: triton outputs {rel(kernel[0], ref[0]):.1e} state "
+            for dtype, precision in ((torch.float64, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32x3")):
+                kernel = layer_run(MemoryConfig(**mem_cfg, backend="triton", kernel_precision=precision), x.to(dtype),
+                                   d * heads, heads, pieces)
+                line = (f"{name:>28} {str(dtype):>14} {precision:>6}: triton outputs {rel(kernel[0], ref[0]):.1e} state "
                         f"{max(rel(a, b) for a, b in zip(kernel[1], ref[1]) if b.numel()):.1e} gradients "
                         f"{max(rel(a, b) for a, b in zip(kernel[2], ref[2])):.1e}")
-                if dtype == torch.float32:
+                if dtype == torch.float32 and precision == "ieee":
                     eager = layer_run(MemoryConfig(**mem_cfg), x.to(dtype), d * heads, heads)
                     line += (f" | eager fp32 outputs {rel(eager[0], ref[0]):.1e} gradients "
                              f"{max(rel(a, b) for a, b in zip(eager[2], ref[2])):.1e}")
@@ -136,10 +137,14 @@ def layer_speed(dev, args) -> None:
           f"e 4, b 16, N {n}, micro-batch {batch}, bf16 autocast (fp32 state), checkpoint_every 8")
     x = torch.randn(batch, n, dim, device=dev)
     seconds = {}
-    for backend in ("triton", "eager") if args.smoke else ("triton", "compiled", "eager"):
-        if over_budget(args, f"layer {backend}"):
+    paths = {"triton": ("triton", "ieee"), "triton-tf32x3": ("triton", "tf32x3"), "compiled": ("compiled", "ieee"),
+             "eager": ("eager", "ieee")}
+    if args.smoke:
+        paths.pop("compiled")
+    for name, (backend, precision) in paths.items():
+        if over_budget(args, f"layer {name}"):
             break
-        cfg = MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=8, backend=backend)
+        cfg = MemoryConfig(depth=2, expansion=4, chunk_size=16, checkpoint_every=8, backend=backend, kernel_precision=precision)
         torch.manual_seed(0)
         mem = NeuralMemory(dim, heads, cfg).to(dev)
 
@@ -150,15 +155,15 @@ def layer_speed(dev, args) -> None:
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t = guarded(f"layer {backend}", lambda: timed(dev, step, 1 if backend == "eager" else 3))
+        t = guarded(f"layer {name}", lambda: timed(dev, step, 1 if backend == "eager" else 3))
         if t is None:
             continue
-        seconds[backend] = t
+        seconds[name] = t
         peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-        print(f"{backend:>9}: {batch * n / t:>10.0f} tokens/s  peak {peak:6.1f} GiB", flush=True)
+        print(f"{name:>14}: {batch * n / t:>10.0f} tokens/s  peak {peak:6.1f} GiB", flush=True)
     if "eager" in seconds:
-        for backend, t in seconds.items():
-            print(f"{backend:>9}: {seconds['eager'] / t:.1f}x the eager path's tokens/s")
+        for name, t in seconds.items():
+            print(f"{name:>14}: {seconds['eager'] / t:.1f}x the eager path's tokens/s")
 
 
 # ----------------------------------------------------------------------------------------------------

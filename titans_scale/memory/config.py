@@ -25,4 +25,7 @@ class MemoryConfig:
     # compiles for tens of seconds), triton (the whole loop in one kernel each way; GPU), or auto (triton on
     # a GPU where the kernel covers the shape, else compiled there with a warning; eager on CPU)
     backend: str = "eager"
+    # the triton backend's float32 matrix products: ieee (exact fp32 on CUDA cores), tf32x3 (tensor cores,
+    # three passes, about fp32's accuracy) or tf32 (tensor cores, 10-bit mantissa: not equal to eager)
+    kernel_precision: str = "ieee"
     hand_backward: bool = True  # the chunk loop's hand-written backward; False: autograd through every step

@@ -71,6 +71,8 @@ def validate_memory(dim: int, heads: int, cfg: MemoryConfig) -> None:
         raise ValueError(f"memory checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 = off)")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"memory backend={cfg.backend!r} must be one of {', '.join(BACKENDS)}")
+    if cfg.kernel_precision not in ("ieee", "tf32x3", "tf32"):
+        raise ValueError(f"memory kernel_precision={cfg.kernel_precision!r} must be one of ieee, tf32x3, tf32")
     if cfg.backend == "triton":
         reason = _triton_unsupported(dim // heads, cfg)
         if reason:
@@ -219,7 +221,7 @@ class NeuralMemory(nn.Module):
                 y, state = reference_memory(*inputs, state, **common)
             else:
                 y, state = chunked_memory(*inputs, state, checkpoint_every=self.cfg.checkpoint_every, backend=self.backend(q.device.type),
-                                          hand_backward=self.cfg.hand_backward, **common)
+                                          kernel_precision=self.cfg.kernel_precision, hand_backward=self.cfg.hand_backward, **common)
         return y.to(out_dtype), state
 
     def backend(self, device_type: str) -> str:

@@ -468,6 +468,7 @@ def chunked_memory(
     momentum: bool = True,
     checkpoint_every: int = 0,
     backend: str = "eager",
+    kernel_precision: str = "ieee",
     hand_backward: bool = True,
 ) -> tuple[Tensor, MemoryState]:
     """Writes ``k -> v`` into the memory and reads ``y_t = M_{W_t}(q_t)`` for every token (fast path).
@@ -477,7 +478,7 @@ def chunked_memory(
     keeps the state only every k chunks and recomputes the rest in backward (activation memory ~ N / k);
     ``backend``: ``eager`` (PyTorch, chunk by chunk), ``compiled`` (the chunk step and its backward through
     torch.compile) or ``triton`` (the whole loop in one kernel launch each way, ``triton_scan``; GPU, or
-    TRITON_INTERPRET=1 on CPU for testing). In training the eager and compiled loops are one autograd node
+    TRITON_INTERPRET=1 on CPU for testing; ``kernel_precision`` its float32 products). In training the eager and compiled loops are one autograd node
     with a hand-written backward (``hand_backward=False``: autograd through every step instead, for
     comparison). Returns y (B, H, N, d) and the state after the last token.
     """
@@ -526,7 +527,7 @@ def chunked_memory(
             if backend == "triton":
                 from .triton_scan import triton_scan
 
-                out = triton_scan(states, args[n_state:], depth, ln_flat, eps, checkpoint_every or 1)
+                out = triton_scan(states, args[n_state:], depth, ln_flat, eps, checkpoint_every or 1, kernel_precision)
             elif hand and any(t.requires_grad for t in args):
                 out = _MemoryScan.apply(depth, n_state, *(ln_flat or (None, None)), eps, checkpoint_every, compile_step, *args)
             elif checkpoint_every > 0 and torch.is_grad_enabled():

@@ -519,11 +519,11 @@ def _unpack(packed: Tensor, like: list[Tensor], depth: int) -> list[Tensor]:
     return [p.reshape(t.shape) for p, t in zip(ordered, like)]
 
 
-def _meta(q: Tensor, depth: int, hidden: int):
+def _meta(q: Tensor, depth: int, hidden: int, precision: str):
     BH, NC, b, d = q.shape
     block_d = max(MIN_DOT, triton.next_power_of_2(d))
     block_h = _block_h(hidden, block_d) if depth == 2 else MIN_DOT
-    prec = "ieee" if q.dtype == torch.float32 else None  # exact fp32 products (tf32 would break equality with eager)
+    prec = precision if q.dtype == torch.float32 else None  # (float64 products have one precision)
     warps = 8 if block_d * max(b, block_h) >= 4096 else 4
     return BH, NC, b, d, block_d, block_h, prec, warps
 
@@ -532,9 +532,9 @@ class _TritonScan(torch.autograd.Function):
     """The chunk loop as one autograd node whose forward and backward are one kernel launch each."""
 
     @staticmethod
-    def forward(ctx, depth, hidden, eps, every, gamma, beta, state, q, k, v, A, Bm, C, P, ends, D):
+    def forward(ctx, depth, hidden, eps, every, precision, gamma, beta, state, q, k, v, A, Bm, C, P, ends, D):
         _check_device(q)
-        BH, NC, b, d, block_d, block_h, prec, warps = _meta(q, depth, hidden)
+        BH, NC, b, d, block_d, block_h, prec, warps = _meta(q, depth, hidden, precision)
         save = torch.is_grad_enabled() or any(ctx.needs_input_grad)
         every = max(1, min(every, NC))
         n_kept = -(-NC // every)
@@ -549,7 +549,7 @@ class _TritonScan(torch.autograd.Function):
             work, kept, y, *inputs, gamma, beta, NC, d, hidden, work.shape[1], kept.shape[1], every, eps,
             DEPTH=depth, SAVE=save, B=b, BD=block_d, BLOCK_H=block_h, PREC=prec, num_warps=warps,
         )
-        ctx.depth, ctx.hidden, ctx.eps, ctx.every, ctx.has_ln = depth, hidden, eps, every, depth == 2
+        ctx.depth, ctx.hidden, ctx.eps, ctx.every, ctx.has_ln, ctx.precision = depth, hidden, eps, every, depth == 2, precision
         ctx.save_for_backward(gamma, beta, kept, *inputs)
         return y, work
 
@@ -558,7 +558,7 @@ class _TritonScan(torch.autograd.Function):
     def backward(ctx, gy, g_end):
         gamma, beta, kept, q, k, v, A, Bm, C, P, ends, D = ctx.saved_tensors
         depth, hidden, every = ctx.depth, ctx.hidden, ctx.every
-        BH, NC, b, d, block_d, block_h, prec, warps = _meta(q, depth, hidden)
+        BH, NC, b, d, block_d, block_h, prec, warps = _meta(q, depth, hidden, ctx.precision)
         sz = kept.shape[-1]
 
         g_state = (torch.zeros(BH, sz, dtype=q.dtype, device=q.device) if g_end is None else g_end.clone()).contiguous()
@@ -573,15 +573,16 @@ class _TritonScan(torch.autograd.Function):
             DEPTH=depth, B=b, BD=block_d, BLOCK_H=block_h, PREC=prec, num_warps=warps,
         )
         g_ln = (g_gamma, g_beta) if ctx.has_ln else (None, None)
-        return (None, None, None, None, *g_ln, g_state, *grads)
+        return (None, None, None, None, None, *g_ln, g_state, *grads)
 
 
-def triton_scan(states: list[Tensor], per_chunk: list[Tensor], depth: int, ln, eps: float, every: int):
+def triton_scan(states: list[Tensor], per_chunk: list[Tensor], depth: int, ln, eps: float, every: int, precision: str = "ieee"):
     """The full chunks of ``maths.chunked_memory`` through the kernels. ``states``: W per layer, then S
     per layer, (BH, out, in); ``per_chunk``: q, k, v, A, Bm, C, P, ends, D as (BH, n_chunks, ...), with
     ``D`` holding both columns (C_b,i and F_i). ``ln``: the (BH, 1, d) scale and shift, or None (depth 1).
-    Returns the reads (BH, n_chunks, b, d), then the end states in the order of ``states``."""
+    ``precision``: tl.dot's float32 input precision (ieee, tf32x3 or tf32). Returns the reads
+    (BH, n_chunks, b, d), then the end states in the order of ``states``."""
     hidden = states[0].shape[-2]
     gamma, beta = (None, None) if ln is None else (p.reshape(p.shape[0], -1) for p in ln)
-    y, end = _TritonScan.apply(depth, hidden, eps, every, gamma, beta, _pack(states, depth), *per_chunk)
+    y, end = _TritonScan.apply(depth, hidden, eps, every, precision, gamma, beta, _pack(states, depth), *per_chunk)
     return (y, *_unpack(end, states, depth))
