@@ -116,3 +116,16 @@ def test_triton_backend_refuses_what_it_cannot_run():
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="needs a CUDA device"):
             resolve_backend(MemoryConfig(backend="triton"), 64, "cpu")
+
+
+def test_gpu_benchmark_script_runs_end_to_end_on_cpu():
+    """benchmarks/bench_gpu.py is the prepared GPU check; its smoke mode (tiny shapes, the interpreter) keeps
+    every section of it runnable between the sessions that have a GPU."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_gpu.py"), "--device", "cpu", "--smoke"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FAILED" not in proc.stdout, proc.stdout
+    for needle in ("triton outputs", "the eager path's tokens/s", "mal:", "# done"):
+        assert needle in proc.stdout, (needle, proc.stdout)
