@@ -116,6 +116,13 @@ def exactness(dev, args) -> None:
                 print(line, flush=True)
 
             guarded(f"exactness {name} {dtype} {precision}", one)
+        if not args.smoke and name == cases[0][0]:  # the fallback path once: the CUDA-graph chunk step
+            def graphs():
+                out = layer_run(MemoryConfig(**mem_cfg, backend="cudagraph"), x.to(torch.float32), d * heads, heads)
+                print(f"{name:>28} {'torch.float32':>14} {'':>6}: cudagraph outputs {rel(out[0], ref[0]):.1e} gradients "
+                      f"{max(rel(a, b) for a, b in zip(out[2], ref[2])):.1e}", flush=True)
+
+            guarded(f"exactness {name} cudagraph", graphs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,10 +147,11 @@ def layer_speed(dev, args) -> None:
           f"e 4, b 16, N {n}, micro-batch {batch}, bf16 autocast (fp32 state), checkpoint_every 8")
     x = torch.randn(batch, n, dim, device=dev)
     seconds = {}
-    paths = {"triton": ("triton", "ieee"), "triton-tf32x3": ("triton", "tf32x3"), "compiled": ("compiled", "ieee"),
-             "eager": ("eager", "ieee")}
+    paths = {"triton": ("triton", "ieee"), "triton-tf32x3": ("triton", "tf32x3"), "cudagraph": ("cudagraph", "ieee"),
+             "compiled": ("compiled", "ieee"), "eager": ("eager", "ieee")}
     if args.smoke:
         paths.pop("compiled")
+        paths.pop("cudagraph")
     for name, (backend, precision) in paths.items():
         if over_budget(args, f"layer {name}"):
             break

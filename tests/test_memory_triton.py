@@ -104,14 +104,14 @@ def test_triton_backend_refuses_what_it_cannot_run():
         NeuralMemory(64, 2, MemoryConfig(chunk_size=4, backend="triton"))
     with pytest.raises(ValueError, match="depth 1 and 2, got 3"):
         NeuralMemory(64, 2, MemoryConfig(depth=3, backend="triton"))
-    with pytest.raises(ValueError, match="backend='fast' must be one of eager, compiled, triton, auto"):
+    with pytest.raises(ValueError, match="backend='fast' must be one of eager, compiled, cudagraph, triton, auto"):
         NeuralMemory(64, 2, MemoryConfig(backend="fast"))
     with pytest.raises(ValueError, match="kernel_precision='tf16' must be one of ieee, tf32x3, tf32"):
         NeuralMemory(64, 2, MemoryConfig(backend="triton", kernel_precision="tf16"))
-    # auto: the kernel on a GPU where it covers the shape, else compiled (with the reason); eager on CPU
+    # auto: the kernel on a GPU where it covers the shape, else the CUDA-graph step (with the reason); eager on CPU
     assert resolve_backend(MemoryConfig(backend="auto"), 64, "cuda") == ("triton", None)
     backend, reason = resolve_backend(MemoryConfig(backend="auto", chunk_size=8), 64, "cuda")
-    assert backend == "compiled" and "chunk_size" in reason
+    assert backend == "cudagraph" and "chunk_size" in reason
     assert resolve_backend(MemoryConfig(backend="auto"), 64, "cpu") == ("eager", None)
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="needs a CUDA device"):

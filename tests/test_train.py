@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from conftest import data_make_documents
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,11 +167,42 @@ def test_resume_continues_exactly(shards, crashed_run, tmp_path_factory, tmp_pat
     assert b["val_loss"][2 * K] == a["val_loss"][2 * K]
     zero3 = train_params(straight)
     assert_same_params(zero3, train_params(tmp_path))
-    # the gathered ZeRO-3 export holds the weights a ZeRO-2 run trains (up to rounding noise; a wrong gather
-    # would be off by the weights' own size, ~1e-2)
+    # the gathered ZeRO-3 export holds the weights a ZeRO-2 run trains. The two stages sum the same gradients
+    # in another order, so they differ by float32 rounding; Adam divides by sqrt(v), so an element whose
+    # gradient is as small as that rounding can step the other way. What holds on any machine: (1) no element
+    # differs by more than both runs' Adam steps together, sum_t 2 lr_t B_t, B_t = Adam's bound on
+    # |m_hat / sqrt(v_hat)| (decoupled weight decay only shrinks a difference); (2) the typical element,
+    # whose gradient is far above rounding, agrees to far better than 1% of its update, where a wrong gather
+    # would be off by the weights' own size.
     zero2 = crashed_run["params"]
+    cfg = OmegaConf.load(straight / "config.yaml").train
+    lrs = [json.loads(line)["lr"] for line in (straight / "metrics.jsonl").read_text().splitlines()
+           if "loss" in json.loads(line)]
+    bound = sum(2 * lr * adam_step_bound(cfg.beta1, cfg.beta2, t) for t, lr in enumerate(lrs, 1))
+    initial = train_initial_params(straight)
     diffs = torch.cat([(zero3[n] - zero2[n]).abs().flatten() for n in zero3])
-    assert diffs.max() < 1e-3 and diffs.mean() < 1e-5, (diffs.max(), diffs.mean())
+    updates = torch.cat([(zero2[n] - initial[n]).abs().flatten() for n in zero3])
+    assert diffs.max() <= bound, (diffs.max(), bound)
+    assert diffs.median() < 1e-2 * updates.median(), (diffs.median(), updates.median())
+
+
+def adam_step_bound(beta1: float, beta2: float, t: int) -> float:
+    """max |m_hat_t / sqrt(v_hat_t)| over all gradient histories (Cauchy-Schwarz on the two moving averages,
+    with rho = beta1^2 / beta2 < 1): (1 - b1) / sqrt(1 - b2) * sqrt((1 - rho^t) / (1 - rho)) * sqrt(1 - b2^t)
+    / (1 - b1^t); 1 at t = 1 (the first step is sign(g))."""
+    rho = beta1**2 / beta2
+    assert rho < 1
+    return ((1 - beta1) / (1 - beta2) ** 0.5 * ((1 - rho**t) / (1 - rho)) ** 0.5 * (1 - beta2**t) ** 0.5
+            / (1 - beta1**t))
+
+
+def train_initial_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights a run started from: the model rebuilt from its exported config with the run's seed."""
+    from titans_scale.models import build_model
+    from titans_scale.train.checkpoint import load_model
+
+    torch.manual_seed(OmegaConf.load(Path(run_dir) / "config.yaml").train.seed)
+    return {n: p.detach().clone() for n, p in build_model(load_model(Path(run_dir) / "model.pt")[1]).state_dict().items()}
 
 
 def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(crashed_run):

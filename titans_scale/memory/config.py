@@ -22,8 +22,9 @@ class MemoryConfig:
     ln_eps: float = 1e-5
     checkpoint_every: int = 0  # keep the memory state every k chunks, recompute between (0 = off)
     # how the chunk loop runs: eager (PyTorch), compiled (torch.compile of the chunk step; the first call
-    # compiles for tens of seconds), triton (the whole loop in one kernel each way; GPU), or auto (triton on
-    # a GPU where the kernel covers the shape, else compiled there with a warning; eager on CPU)
+    # compiles for tens of seconds), cudagraph (compiled, and on a GPU each chunk step is one CUDA graph
+    # replay), triton (the whole loop in one kernel each way; GPU), or auto (triton on a GPU where the
+    # kernel covers the shape, else cudagraph there with a warning naming why; eager on CPU)
     backend: str = "eager"
     # the triton backend's float32 matrix products: ieee (exact fp32 on CUDA cores), tf32x3 (tensor cores,
     # three passes, about fp32's accuracy) or tf32 (tensor cores, 10-bit mantissa: not equal to eager)

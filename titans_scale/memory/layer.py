@@ -76,10 +76,10 @@ def validate_memory(dim: int, heads: int, cfg: MemoryConfig) -> None:
     if cfg.backend == "triton":
         reason = _triton_unsupported(dim // heads, cfg)
         if reason:
-            raise ValueError(f"memory.backend=triton: {reason}; use memory.backend=auto (falls back to compiled) or eager")
+            raise ValueError(f"memory.backend=triton: {reason}; use memory.backend=auto (falls back to cudagraph) or eager")
 
 
-BACKENDS = ("eager", "compiled", "triton", "auto")
+BACKENDS = ("eager", "compiled", "cudagraph", "triton", "auto")
 
 
 def _triton_unsupported(head_dim: int, cfg: MemoryConfig) -> str | None:
@@ -100,7 +100,7 @@ def resolve_backend(cfg: MemoryConfig, head_dim: int, device_type: str) -> tuple
     if device_type != "cuda":
         return "eager", None
     reason = _triton_unsupported(head_dim, cfg)
-    return ("compiled", reason) if reason else ("triton", None)
+    return ("cudagraph", reason) if reason else ("triton", None)
 
 
 _warned: dict[str, bool] = {}  # fallback reasons already warned about in this process
@@ -230,7 +230,7 @@ class NeuralMemory(nn.Module):
         backend, reason = resolve_backend(self.cfg, self.head_dim, device_type)
         if reason and not _warned.get(reason):
             _warned[reason] = True
-            warnings.warn(f"memory.backend=auto runs the compiled chunk loop, not the Triton kernel: {reason}", stacklevel=2)
+            warnings.warn(f"memory.backend=auto runs the CUDA-graph chunk loop, not the Triton kernel: {reason}", stacklevel=2)
         return backend
 
     def retrieve(self, q: Tensor, state: MemoryState) -> Tensor:

@@ -228,19 +228,54 @@ def _chunk_step(weights, momenta, q, k, v, A, Bm, C, P, ends, D, ln, eps, cache=
 _compiled: dict = {}
 
 
-def compiled(fn):
+def compiled(fn, graphs: bool = False):
     """``fn`` (``_chunk_step`` or ``_chunk_backward``) through torch.compile, built on first use: Inductor
-    fuses the elementwise work and removes the per-operation overhead of the small per-chunk tensors."""
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, dynamic=False)
-    return _compiled[fn]
+    fuses the elementwise work and removes the per-operation overhead of the small per-chunk tensors.
+    ``graphs``: on CUDA each call replays one captured CUDA graph (mode ``reduce-overhead``), so a chunk
+    costs a graph launch instead of dozens of kernel launches; the graph's outputs live in its own pool
+    and are overwritten by the next replay, so every call starts a new graph step and returns copies."""
+    key = (fn, graphs)
+    if key not in _compiled:
+        if not graphs:
+            _compiled[key] = torch.compile(fn, dynamic=False)
+        else:
+            inner = torch.compile(fn, dynamic=False, mode="reduce-overhead")
+
+            def replay(*args, cache=None, **kwargs):
+                torch.compiler.cudagraph_mark_step_begin()
+                out = _tree_clone(inner(*args, cache=cache, **kwargs) if cache is not None else inner(*args, **kwargs))
+                if cache:  # the step's intermediates, written into ``cache``, are graph outputs too
+                    cache.update(_tree_clone(cache))
+                return out
+
+            _compiled[key] = replay
+    return _compiled[key]
 
 
-def _chunk_group(depth, n_state, ln, eps, compile_step, *tensors):
+def _tree_clone(x):
+    """Copies of the tensors in nested tuples/lists/dicts (a CUDA graph's outputs outlive its next replay)."""
+    if isinstance(x, Tensor):
+        return x.clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_tree_clone(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _tree_clone(v) for k, v in x.items()}
+    return x
+
+
+def _step_fns(mode: str | None):
+    """The chunk step and its backward for a loop mode: None (eager), "compiled" or "cudagraph"."""
+    if mode is None:
+        return _chunk_step, _chunk_backward
+    graphs = mode == "cudagraph"
+    return compiled(_chunk_step, graphs), compiled(_chunk_backward, graphs)
+
+
+def _chunk_group(depth, n_state, ln, eps, mode, *tensors):
     """Runs consecutive chunks; a separate function so that it can be recomputed in backward.
     ``tensors``: the ``n_state`` state tensors (W per layer, then S per layer), then the per-chunk inputs."""
     weights, momenta = list(tensors[:depth]), list(tensors[depth:n_state])
-    step = compiled(_chunk_step) if compile_step else _chunk_step
+    step = _step_fns(mode)[0]
     # unbind, not indexing: the backward of N/b index ops would allocate N/b full-size gradients.
     per_chunk = zip(*(t.unbind(1) for t in tensors[n_state:]))
     ys = []
@@ -374,8 +409,8 @@ class _MemoryScan(torch.autograd.Function):
     forward from its kept state when needed. Both give identical gradients (the same operations)."""
 
     @staticmethod
-    def forward(ctx, depth, n_state, ln_gamma, ln_beta, eps, every, compile, *tensors):
-        step = compiled(_chunk_step) if compile else _chunk_step
+    def forward(ctx, depth, n_state, ln_gamma, ln_beta, eps, every, mode, *tensors):
+        step = _step_fns(mode)[0]
         # contiguous and detached: every chunk then passes tensors of one layout (one compiled graph)
         states = [t.detach().contiguous() for t in tensors[:n_state]]
         # chunk-major copies: a chunk's slices then have the same strides at every length (one compiled graph)
@@ -391,7 +426,7 @@ class _MemoryScan(torch.autograd.Function):
             y[:, c], new_w, new_s = step(states[:depth], states[depth:], *(t[c] for t in per_chunk), ln, eps, cache=cache)
             states = [*new_w, *new_s]
         ctx.depth, ctx.n_state, ctx.eps, ctx.every, ctx.kept = depth, n_state, eps, every, kept
-        ctx.compile = compile
+        ctx.mode = mode
         ctx.save_for_backward(*(t for t in (ln_gamma, ln_beta) if t is not None), *per_chunk)
         ctx.has_ln = ln_gamma is not None
         return (y, *states)
@@ -400,7 +435,7 @@ class _MemoryScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, *g_end):
         depth, every, kept = ctx.depth, ctx.every, ctx.kept
-        step, step_backward = (compiled(_chunk_step), compiled(_chunk_backward)) if ctx.compile else (_chunk_step, _chunk_backward)
+        step, step_backward = _step_fns(ctx.mode)
         saved = ctx.saved_tensors
         ln = tuple(saved[:2]) if ctx.has_ln else None
         per_chunk = saved[2 * ctx.has_ln :]
@@ -477,7 +512,7 @@ def chunked_memory(
     ``ln`` is the (H, d) scale and shift of the memory's LayerNorm (depth >= 2). ``checkpoint_every = k``
     keeps the state only every k chunks and recomputes the rest in backward (activation memory ~ N / k);
     ``backend``: ``eager`` (PyTorch, chunk by chunk), ``compiled`` (the chunk step and its backward through
-    torch.compile) or ``triton`` (the whole loop in one kernel launch each way, ``triton_scan``; GPU, or
+    torch.compile), ``cudagraph`` (compiled, each step one CUDA graph replay on a GPU) or ``triton`` (the whole loop in one kernel launch each way, ``triton_scan``; GPU, or
     TRITON_INTERPRET=1 on CPU for testing; ``kernel_precision`` its float32 products). In training the eager and compiled loops are one autograd node
     with a hand-written backward (``hand_backward=False``: autograd through every step instead, for
     comparison). Returns y (B, H, N, d) and the state after the last token.
@@ -515,7 +550,7 @@ def chunked_memory(
     per_chunk = (qc, kc, vc, A, Bm, C, P, ends, D)
     # The default eager path is one autograd node over all chunks that keeps its own recomputation groups.
     hand = hand_backward and torch.is_grad_enabled()
-    compile_step = backend == "compiled"
+    mode = backend if backend in ("compiled", "cudagraph") else None
     group = checkpoint_every if checkpoint_every > 0 and not hand and backend != "triton" else n_chunks
     ys = []
     for start in range(0, n_chunks, group):
@@ -529,16 +564,16 @@ def chunked_memory(
 
                 out = triton_scan(states, args[n_state:], depth, ln_flat, eps, checkpoint_every or 1, kernel_precision)
             elif hand and any(t.requires_grad for t in args):
-                out = _MemoryScan.apply(depth, n_state, *(ln_flat or (None, None)), eps, checkpoint_every, compile_step, *args)
+                out = _MemoryScan.apply(depth, n_state, *(ln_flat or (None, None)), eps, checkpoint_every, mode, *args)
             elif checkpoint_every > 0 and torch.is_grad_enabled():
-                out = checkpoint(_chunk_group, depth, n_state, ln_flat, eps, compile_step, *args, use_reentrant=False)
+                out = checkpoint(_chunk_group, depth, n_state, ln_flat, eps, mode, *args, use_reentrant=False)
             else:
-                out = _chunk_group(depth, n_state, ln_flat, eps, compile_step, *args)
+                out = _chunk_group(depth, n_state, ln_flat, eps, mode, *args)
             ys.append(out[0])
             states = list(out[1:])
         if stop > full_stop:  # the partial chunk
             args = [*states, *(t[:, n_full:] for t in per_chunk)]
-            ys.append(_chunk_group(depth, n_state, ln_flat, eps, False, *args)[0])  # odd shape: not worth a compile
+            ys.append(_chunk_group(depth, n_state, ln_flat, eps, None, *args)[0])  # odd shape: not worth a compile
     end_w = tuple(w.reshape(B, H, *w.shape[1:]) for w in states[:depth])
     if momentum:
         end_s = tuple(s.reshape(B, H, *s.shape[1:]) for s in states[depth:])

@@ -503,7 +503,7 @@ if triton is not None:
 
 def _check_device(t: Tensor) -> None:
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("memory.backend=triton runs on CUDA devices (or on CPU under TRITON_INTERPRET=1); choose memory.backend=eager or compiled")
+        raise RuntimeError("memory.backend=triton runs on CUDA devices (or on CPU under TRITON_INTERPRET=1); choose memory.backend=eager, compiled or cudagraph")
 
 
 def _pack(states: list[Tensor], depth: int) -> Tensor:
