@@ -131,11 +131,13 @@ def split_rows(n_rows: int, lookback: int, horizon: int, kind: str, path: Path) 
         ends = [train, n_rows - test, n_rows]
     starts = [0, ends[0] - lookback, ends[1] - lookback]
     rows = {}
-    for split, start, end in zip(SPLITS, starts, ends):
+    for i, (split, start, end) in enumerate(zip(SPLITS, starts, ends)):
+        own = end - (ends[i - 1] if i else 0)  # the split's own rows (a later split looks back before them)
         if end - start < lookback + horizon:
-            raise DataError(f"CSV {path} has too few rows for a window: its {split} split has {end - max(start, 0)} rows "
-                            f"({n_rows} in all), a window needs lookback {lookback} + horizon {horizon} = "
-                            f"{lookback + horizon}; use a longer file or shorten data.seq_len / forecast.horizon")
+            need = f"the horizon {horizon}" if i else f"lookback {lookback} + horizon {horizon}"
+            raise DataError(f"CSV {path} has too few rows for a window: its {split} split has {own} rows ({n_rows} in "
+                            f"all), a window needs {need} there; use a longer file or shorten data.seq_len / "
+                            f"forecast.horizon")
         rows[split] = (start, end)
     return rows
 

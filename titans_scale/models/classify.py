@@ -50,17 +50,18 @@ class SequenceClassifier(nn.Module):
         init_blocks(self, self.cfg)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """tokens (B, N) int64, lengths (B,) in [1, N] -> class logits (B, classes), float32."""
+        """tokens (B, N) int64, lengths (B,) in [1, N] -> class logits (B, classes), in at least float32."""
         h, _ = run_blocks(self.blocks, self.embed(tokens), None, 0,
                           recompute=self.cfg.activation_checkpointing and self.training)
-        h = self.norm(h).float()
+        h = self.norm(h)
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
         lengths = lengths.to(h.device).long()
         if self.pooling == "last":
             pooled = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
         else:
             inside = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]).to(h.dtype)
             pooled = (h * inside[..., None]).sum(1) / lengths[:, None].to(h.dtype)
-        return self.classifier(pooled.to(self.classifier.weight.dtype)).float()
+        return self.classifier(pooled.to(self.classifier.weight.dtype)).to(h.dtype)
 
     def loss(self, tokens: Tensor, lengths: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy of the class logits against the labels (B,)."""

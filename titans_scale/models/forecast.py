@@ -51,27 +51,29 @@ class ChannelIndependent(nn.Module):
     def __init__(self, lookback: int, horizon: int, normalise: bool):
         super().__init__()
         self.lookback, self.horizon, self.normalise = lookback, horizon, normalise
+        self.revin_eps = 1e-5  # only keeps a constant window finite
 
     def forecast(self, series: Tensor) -> Tensor:
         """(S, L) normalised series -> (S, H) forecasts; the model proper."""
         raise NotImplementedError
 
     def forward(self, window: Tensor) -> Tensor:
-        """window (B, L, C) -> forecast (B, H, C), in float32 whatever the weights' precision."""
+        """window (B, L, C) -> forecast (B, H, C), in at least float32 whatever the weights' precision."""
         if window.dim() != 3 or window.shape[1] != self.lookback:
             raise ValueError(f"window has shape {tuple(window.shape)}; expected (batch, {self.lookback}, channels)")
         B, L, C = window.shape
-        series = window.float().transpose(1, 2).reshape(B * C, L)
+        series = window.to(torch.promote_types(window.dtype, torch.float32)).transpose(1, 2).reshape(B * C, L)
         if self.normalise:
-            series, mean, std = revin(series)
-        y = self.forecast(series).float()
+            series, mean, std = revin(series, self.revin_eps)
+        y = self.forecast(series).to(series.dtype)
         if self.normalise:
             y = y * std + mean
         return y.reshape(B, C, self.horizon).transpose(1, 2)
 
     def loss(self, window: Tensor, target: Tensor) -> Tensor:
         """Mean squared error of the forecast against the next H steps (B, H, C)."""
-        return F.mse_loss(self(window), target.float())
+        forecast = self(window)
+        return F.mse_loss(forecast, target.to(forecast.dtype))
 
 
 class TitansForecaster(ChannelIndependent):
