@@ -80,8 +80,8 @@ def test_motif_task_label_is_whether_the_start_and_end_motifs_agree():
     for _ in range(200):
         bases, label = task.sample(rng)
         assert len(bases) == 128 and label in ("same", "different")
-        head = [i for i, m in enumerate(motifs) if m in bases[:32]]
-        tail = [i for i, m in enumerate(motifs) if m in bases[-40:]]
+        head = [i for i, m in enumerate(motifs) if m in bases[: 128 // 8]]  # the first length / 8 bases
+        tail = [i for i, m in enumerate(motifs) if m in bases[-(128 // 8 + 8):]]  # the last length / 8 + motif
         if len(head) == len(tail) == 1:  # (a motif can also turn up by chance: rare)
             assert (head == tail) == (label == "same")
             checked += 1

@@ -218,9 +218,10 @@ class GeneratedGenome:
 @dataclass
 class MotifTask:
     """A classification task with a long-range dependence. Each sequence is random bases with one of two
-    motifs near its start (in the first 32 bases) and one near its end (in the last 40); the class is
-    ``same`` when the two are the same motif, else ``different``. The end alone says nothing about the
-    class: a model must carry what it saw at the start over length - 72 bases or more."""
+    motifs near its start (within the first length / 8 bases) and one near its end (within the last
+    length / 8 + motif_len); the class is ``same`` when the two are the same motif, else ``different``. The
+    end alone says nothing about the class: a model must carry what it saw at the start over at least
+    3 / 4 of the sequence (minus the motif)."""
 
     length: int = 256
     train: int = 2000
@@ -236,7 +237,8 @@ class MotifTask:
         motifs, m = self.motifs(), self.motif_len
         seq = rng.integers(0, 4, self.length)
         first, last = int(rng.integers(2)), int(rng.integers(2))
-        start, end = int(rng.integers(0, 32 - m)), int(rng.integers(self.length - 40, self.length - m))
+        head, tail = self.length // 8, self.length // 8 + m
+        start, end = int(rng.integers(0, head - m + 1)), int(rng.integers(self.length - tail, self.length - m + 1))
         seq[start : start + m] = motifs[first]
         seq[end : end + m] = motifs[last]
         return "".join("ACGT"[b] for b in seq), "same" if first == last else "different"
