@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from titans_scale.data.config import DataConfig, validate_data_config
 from titans_scale.models.config import ModelConfig
+from titans_scale.tasks.config import ClassifyConfig, ForecastConfig, validate_task_config
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 CHOICES = {
@@ -92,8 +93,11 @@ class WandbConfig:
 class RunConfig:
     """Everything a run needs: what to train, on what, how, and where to write."""
 
+    task: str = "lm"  # lm (next-token: text, or DNA with data.alphabet=dna) | forecast | classify (titans_scale/tasks)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)  # task=forecast: CSV, horizon, forecaster
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)  # task=classify: class folders, head
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -117,6 +121,9 @@ def recipe_path(name: str, recipes_dir: Path = RECIPES_DIR) -> Path:
     if path.is_file():
         return path
     known = sorted(str(p.relative_to(recipes_dir).with_suffix("")) for p in recipes_dir.rglob("*.yaml"))
+    nested = [k for k in known if k.endswith("/" + name) and not k.startswith("base/")]
+    if len(nested) == 1:  # a recipe in a topic folder by its own name: ts_ettm1 = timeseries/ts_ettm1
+        return recipes_dir / f"{nested[0]}.yaml"
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}?" if close else f"known recipes: {', '.join(k for k in known if '/' not in k)}"
     raise ConfigError(f"recipe {name!r} not found in {recipes_dir}; {hint}")
@@ -221,8 +228,9 @@ def resolve(args: list[str] | None = None, *, recipe: str | None = None, recipes
     except OmegaConfBaseException as e:
         raise ConfigError(f"recipe {name!r}: {str(e).splitlines()[0]}") from None
     cfg = to_dataclass(RunConfig, merged)
-    if not cfg.run_dir:
-        cfg.run_dir = str(Path("runs") / Path(name).stem)
+    if not cfg.run_dir:  # a forecasting recipe runs once per horizon: one directory each
+        suffix = f"_h{cfg.forecast.horizon}" if cfg.task == "forecast" else ""
+        cfg.run_dir = str(Path("runs") / (Path(name).stem + suffix))
     return validate(cfg)
 
 
@@ -257,6 +265,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint; use auto, never or a checkpoint directory")
     try:
+        validate_task_config(cfg.task, cfg.forecast, cfg.classify)
         cfg.model.validate()
         validate_data_config(cfg.data)
     except ValueError as e:

@@ -41,8 +41,9 @@ def memory_backend(cfg) -> str:
 
     from titans_scale.config import ConfigError
     from titans_scale.memory.layer import resolve_backend
+    from titans_scale.tasks import model_name
 
-    if cfg.model.variant in ("transformer", "swa"):
+    if cfg.model.variant in ("transformer", "swa") or model_name(cfg).endswith("dlinear"):
         return "no memory"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -56,15 +57,15 @@ def dry_run(cfg, world_size: int) -> None:
     """Print the resolved recipe and what the run would do; build and check the data."""
     from omegaconf import OmegaConf
 
-    from titans_scale.models import model_stats
+    from titans_scale.tasks import get_task, model_name
     from titans_scale.train.engine import check_data, make_plan
     from titans_scale.train.metrics import human
 
     plan = make_plan(cfg, world_size)
     check_data(cfg, build=True)
-    params, flops = model_stats(cfg.model, plan.seq_len)
+    params, flops = get_task(cfg.task).stats(cfg)
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip())
-    print(f"[plan] {cfg.model.variant}: {human(params)} parameters, {human(3 * flops)} FLOPs per token (fwd+bwd) | "
+    print(f"[plan] {model_name(cfg)}: {human(params)} parameters, {human(3 * flops)} FLOPs per token (fwd+bwd) | "
           f"{memory_backend(cfg)} | {plan.describe()}")
     from titans_scale.submit import estimate_line
 

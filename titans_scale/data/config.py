@@ -19,6 +19,7 @@ class DataConfig:
     remote: Optional[str] = None  # shards at any URL streaming reads (s3://, gs://, oci://, hf://, a path)
     cache_dir: Optional[str] = None  # local copy of `remote` shards; None = <data root>/cache/<hash of remote>
     tokenizer: Optional[str] = None  # sentencepiece .model; None = one trained on the corpus at first use
+    alphabet: Optional[str] = None  # dna: one token per base (A C G T N; data/dna.py), FASTA corpus, no training
     seq_len: int = 512  # tokens per training sample (the model shifts inside the sample)
     num_workers: int = 2  # DataLoader worker processes per rank
     shuffle: bool = True  # shuffle the train split (validation is never shuffled)
@@ -26,7 +27,8 @@ class DataConfig:
     num_canonical_nodes: Optional[int] = None  # streaming's shuffle unit; None = streaming's default
     verify_shards: str = "hash"  # at loader start: "hash" (xxh64 of local shards), "size", or "none"
     # Auto-prepare (ensure_default_data), when data_dir has no prepared shards yet:
-    corpus: Optional[str] = None  # glob of parquet/jsonl/txt files; None = the bundled Wikipedia sample
+    corpus: Optional[str] = None  # glob of parquet/jsonl/txt/FASTA files; None = the bundled Wikipedia sample
+    #                               (with alphabet=dna: a generated genome)
     vocab_size: int = 8000  # of the tokenizer trained when `tokenizer` does not exist yet
     val_fraction: float = 0.05  # share of documents (by content hash) held out for validation
     split_seed: int = 0  # seed of that document-hash split
@@ -45,9 +47,12 @@ def sample_dir() -> Path:
 
 def resolve_tokenizer(cfg: DataConfig) -> Path:
     """The tokenizer the config names, else where ensure_default_data trains one: beside the sample
-    (sample/tokenizer-v<vocab>.model), or for a corpus glob under <data root>/auto/<hash of glob>/."""
+    (sample/tokenizer-v<vocab>.model), or for a corpus glob under <data root>/auto/<hash of glob>/; the
+    DNA tokenizer (alphabet=dna) is <data root>/dna/tokenizer-dna.model."""
     if cfg.tokenizer:
         return Path(cfg.tokenizer)
+    if cfg.alphabet == "dna":
+        return dna_dir() / "tokenizer-dna.model"
     return _auto_dir(cfg) / f"tokenizer-v{cfg.vocab_size}.model"
 
 
@@ -57,12 +62,22 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
         return Path(cfg.cache_dir) if cfg.cache_dir else data_root() / "cache" / _short_hash(cfg.remote)
     if cfg.data_dir:
         return Path(cfg.data_dir)
-    tok = f"v{cfg.vocab_size}" if not cfg.tokenizer else _short_hash(str(Path(cfg.tokenizer).resolve()))
+    if cfg.tokenizer:
+        tok = _short_hash(str(Path(cfg.tokenizer).resolve()))
+    else:
+        tok = cfg.alphabet or f"v{cfg.vocab_size}"
     return _auto_dir(cfg) / f"shards-{tok}-len{cfg.seq_len}"
 
 
+def dna_dir() -> Path:
+    """Where the DNA tokenizer and the generated DNA data live by default."""
+    return data_root() / "dna"
+
+
 def _auto_dir(cfg: DataConfig) -> Path:
-    return sample_dir() if not cfg.corpus else data_root() / "auto" / _short_hash(cfg.corpus)
+    if cfg.corpus:
+        return data_root() / "auto" / _short_hash(cfg.corpus)
+    return dna_dir() / "genome" if cfg.alphabet == "dna" else sample_dir()
 
 
 def validate_data_config(cfg: DataConfig) -> None:
@@ -79,7 +94,9 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise DataError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
     if cfg.verify_shards not in ("hash", "size", "none"):
         raise DataError(f"data.verify_shards={cfg.verify_shards!r} must be 'hash', 'size' or 'none'")
-    if cfg.vocab_size < 260:
+    if cfg.alphabet not in (None, "dna"):
+        raise DataError(f"data.alphabet={cfg.alphabet!r} is unknown; use dna (one token per base) or null (sentencepiece)")
+    if cfg.alphabet is None and cfg.vocab_size < 260:
         raise DataError(f"data.vocab_size={cfg.vocab_size} must be >= 260 (256 byte pieces + unk/bos/eos + 1)")
     if cfg.num_canonical_nodes is not None and cfg.num_canonical_nodes < 1:
         raise DataError(f"data.num_canonical_nodes={cfg.num_canonical_nodes} must be >= 1 or null")

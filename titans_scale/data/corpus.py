@@ -17,8 +17,10 @@ from typing import Iterable, Iterator, Sequence
 
 from .errors import DataError
 
-FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text"}
-SUPPORTED = ".parquet, .jsonl/.json/.ndjson (one JSON object with a 'text' field per line), .txt (one document per file); jsonl and txt may end in .gz"
+FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "text",
+           ".fa": "fasta", ".fasta": "fasta", ".fna": "fasta", ".ffn": "fasta"}
+SUPPORTED = (".parquet, .jsonl/.json/.ndjson (one JSON object with a 'text' field per line), .txt (one document per file), "
+             ".fa/.fasta/.fna (DNA, pieces of each record); jsonl, txt and FASTA may end in .gz")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def check_corpus(paths: Iterable[Path]) -> None:
 
 def iter_documents(paths: Iterable[Path]) -> Iterator[Document]:
     """All non-empty documents of the given files, in order. A file with no document is an error."""
-    readers = {"parquet": _read_parquet, "jsonl": _read_jsonl, "text": _read_text}
+    readers = {"parquet": _read_parquet, "jsonl": _read_jsonl, "text": _read_text, "fasta": _read_fasta}
     for path in paths:
         count = 0
         for doc in readers[corpus_format(path)](path):
@@ -179,6 +181,14 @@ def _read_text(path: Path) -> Iterator[Document]:
         except (OSError, EOFError) as err:
             raise DataError(f"corpus file {path}: cannot read it ({_first_line(err)})") from None
     yield Document(text, str(path), str(path))
+
+
+def _read_fasta(path: Path) -> Iterator[Document]:
+    """A FASTA file's records in pieces of ``dna.PIECE`` bases, upper case (data/dna.py)."""
+    from .dna import read_fasta
+
+    for piece_id, bases in read_fasta(path):
+        yield Document(bases, piece_id, str(path))
 
 
 def _first_line(err: BaseException) -> str:

@@ -22,6 +22,11 @@ def ensure_default_data(cfg: DataConfig, *, progress: bool = True) -> Path:
     on several machines without a shared file system, call it on each. Remote data is never prepared."""
     validate_data_config(cfg)
     data_dir = resolve_data_dir(cfg)
+    if cfg.alphabet == "dna" and not cfg.tokenizer:
+        from .dna import dna_tokenizer
+
+        with _file_lock(_lock_path(resolve_tokenizer(cfg))):
+            dna_tokenizer(resolve_tokenizer(cfg))  # written once; the same file on every machine
     if cfg.remote or (data_dir / META_NAME).exists():
         return data_dir
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +43,10 @@ def ensure_default_data(cfg: DataConfig, *, progress: bool = True) -> Path:
             )
         if cfg.corpus:
             corpus: str = cfg.corpus
+        elif cfg.alphabet == "dna":
+            from .dna import GeneratedGenome
+
+            corpus = str(GeneratedGenome().write(data_dir.parent / "generated.fa"))
         else:
             from .sample import build_sample_corpus
 
@@ -46,6 +55,11 @@ def ensure_default_data(cfg: DataConfig, *, progress: bool = True) -> Path:
         tok = Tokenizer(tok_path) if tok_path.exists() else train_tokenizer(corpus, cfg.vocab_size, tok_path, progress=progress)
         prepare(corpus, tok, cfg.seq_len, data_dir, workers=cfg.prepare_workers, val_fraction=cfg.val_fraction, seed=cfg.split_seed, progress=progress)
     return data_dir
+
+
+def _lock_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent / f".{path.name}.lock"
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """``python -m titans_scale.eval <task> --checkpoint run/model.pt ...``: one command per evaluation.
 
 Tasks: perplexity, niah, babilong, harness (lm-eval tasks), lm_eval (lm-eval's own command line with the
-titans_scale model registered). ``python -m titans_scale.eval <task> --help`` lists a task's options.
+titans_scale model registered); forecast and classify for the models of task=forecast and task=classify. ``python -m titans_scale.eval <task> --help`` lists a task's options.
 A mistake on the command line or in the inputs ends with one line on stderr and exit code 2.
 """
 
@@ -18,6 +18,8 @@ TASKS = {
     "niah": ("niah", "S-NIAH needle in a haystack: accuracy by context length and needle depth"),
     "babilong": ("babilong", "BABILong questions from local files: accuracy by task and context length"),
     "harness": ("harness", "lm-evaluation-harness tasks (piqa, hellaswag, ...) on the model"),
+    "forecast": ("forecast", "time-series forecasting model: MSE and MAE per horizon on the test split"),
+    "classify": ("classify", "sequence classifier (DNA): accuracy on the test split, per class"),
 }
 ALIASES = {"ppl": "perplexity", "s-niah": "niah", "lm-eval": "lm_eval"}
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(parser)
         from .cli import add_model_args, add_output_args
 
-        add_model_args(parser)
+        add_model_args(parser, language=getattr(module, "LANGUAGE_MODEL", True))
         add_output_args(parser)
         module.run(parser.parse_args(argv[1:]))
         return 0

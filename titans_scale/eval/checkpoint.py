@@ -90,11 +90,9 @@ def diagnose(path: Path) -> str:
         keys = ", ".join(map(str, blob)) if isinstance(blob, dict) else type(blob).__name__
         return (f"checkpoint {path} is not a titans_scale model file (it holds {keys}; expected config and "
                 f"state_dict); pass the {MODEL_FILE} a finished run wrote")
-    from titans_scale.config import to_dataclass
-    from titans_scale.models import ModelConfig, build_model
+    from titans_scale.tasks import model_from_blob
 
-    with torch.device("meta"):
-        expected = build_model(to_dataclass(ModelConfig, blob["config"], prefix="model.")).state_dict()
+    expected = model_from_blob(blob, device="meta")[0].state_dict()
     found = blob["state_dict"]
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
@@ -106,6 +104,19 @@ def diagnose(path: Path) -> str:
     detail = "; ".join(parts) or "the weights do not load"
     return (f"checkpoint {path}: its weights do not fit its model config: {detail}; the file was edited or "
             f"written by another version: re-export it from its run")
+
+
+def model_task(checkpoint: str | os.PathLike, expected: str | None = None) -> tuple[str, dict]:
+    """(task, task_config) a model file was trained for ("lm" for a language model); with ``expected``, a
+    file of another task is a one-line error naming the command that evaluates it."""
+    path = model_path(checkpoint)
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    task = blob.get("task", "lm") if isinstance(blob, dict) else "lm"
+    if expected is not None and task != expected:
+        command = {"lm": "perplexity, niah, babilong or harness", "forecast": "forecast", "classify": "classify"}[task]
+        raise EvalError(f"{path} is a model of task={task}, not {expected}; evaluate it with "
+                        f"python -m titans_scale.eval {command}")
+    return task, blob.get("task_config", {})
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:

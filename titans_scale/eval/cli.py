@@ -15,16 +15,19 @@ from .inference import DEFAULT_WINDOW
 from .results import WANDB_MODES, output_dir
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, language: bool = True) -> None:
+    """The options that name the model; ``language``: also its tokenizer and reading window (language models)."""
     group = parser.add_argument_group("model")
     group.add_argument("--checkpoint", required=True, help="model.pt written by a finished run, or its run directory")
-    group.add_argument("--tokenizer", default=None,
-                       help="sentencepiece .model (default: the one the run's recipe names)")
+    if language:
+        group.add_argument("--tokenizer", default=None,
+                           help="sentencepiece .model (default: the one the run's recipe names)")
     group.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
     group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
-    group.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                       help="tokens per model call; the memory state carries across calls, so results do not "
-                            "depend on it (up to rounding): it only bounds activation memory")
+    if language:
+        group.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                           help="tokens per model call; the memory state carries across calls, so results do not "
+                                "depend on it (up to rounding): it only bounds activation memory")
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:

@@ -58,7 +58,7 @@ class TitansLM(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(build_block(kind, cfg) for kind in cfg.layer_kinds())
+        self.blocks = build_blocks(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -70,48 +70,20 @@ class TitansLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Every parameter to its initialisation (also after ``to_empty`` from the meta device): normal(0,
-        init_std) projections, residual outputs scaled by 1/sqrt(2 n_layers) (GPT-2), persistent tokens at
-        unit scale like the normalised inputs they sit beside, norms at 1; the memory keeps its own
-        initialisation of W_0, the gates and the convolution (design doc, section 1)."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.embed.weight, std=std)
+        init_std) embedding and head, the blocks as ``init_blocks`` says."""
+        nn.init.normal_(self.embed.weight, std=self.cfg.init_std)
         if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.head.weight, std=std)
-        for module in self.modules():
-            if isinstance(module, Attention):
-                inputs, output = (module.to_q, module.to_k, module.to_v), module.to_out
-                if module.persistent is not None:
-                    nn.init.normal_(module.persistent, std=1.0)
-            elif isinstance(module, SwiGLU):
-                inputs, output = (module.gate, module.up), module.down
-            elif isinstance(module, NeuralMemory):
-                inputs, output = (module.to_q, module.to_k, module.to_v, module.to_gate), module.to_out
-                module.reset_parameters()
-            else:
-                if isinstance(module, RMSNorm):
-                    nn.init.ones_(module.weight)
-                continue
-            for linear in inputs:
-                nn.init.normal_(linear.weight, std=std)
-            nn.init.normal_(output.weight, std=out_std)
+            nn.init.normal_(self.head.weight, std=self.cfg.init_std)
+        init_blocks(self, self.cfg)
 
     def hidden_states(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """The final normalised hidden states (B, N, D) and the state after the last token."""
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens have shape {tuple(tokens.shape)}; expected (batch, tokens) with tokens >= 1")
         position = 0 if state is None else state.position
-        layer_states = [None] * len(self.blocks) if state is None else state.layers
-        x = self.embed(tokens)
-        new_states = []
-        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block, layer_state in zip(self.blocks, layer_states):
-            if recompute:  # the block runs again in backward (same inputs, no randomness: the same values)
-                x, layer_state = checkpoint(block, x, layer_state, position, use_reentrant=False)
-            else:
-                x, layer_state = block(x, layer_state, position)
-            new_states.append(layer_state)
-        return self.norm(x), ModelState(position + tokens.shape[1], new_states)
+        x, layer_states = run_blocks(self.blocks, self.embed(tokens), None if state is None else state.layers, position,
+                                     recompute=self.cfg.activation_checkpointing and self.training)
+        return self.norm(x), ModelState(position + tokens.shape[1], layer_states)
 
     def forward(self, tokens: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         h, state = self.hidden_states(tokens, state)
@@ -123,6 +95,58 @@ class TitansLM(nn.Module):
             raise ValueError(f"tokens have shape {tuple(tokens.shape)}; the loss needs (batch, tokens) with tokens >= 2")
         h, _ = self.hidden_states(tokens[:, :-1])
         return self.token_loss(self.head(h), tokens[:, 1:]).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stack of blocks, shared by every model built on this backbone (language, forecasting, classification)
+
+
+def build_blocks(cfg: ModelConfig) -> nn.ModuleList:
+    """One block per layer, of the kind ``cfg.layer_kinds()`` gives it."""
+    return nn.ModuleList(build_block(kind, cfg) for kind in cfg.layer_kinds())
+
+
+def run_blocks(blocks: nn.ModuleList, x: Tensor, states: list | None, position: int,
+               recompute: bool = False) -> tuple[Tensor, list]:
+    """``x`` (B, N, D) through the blocks, each with its carried state (None: start of the sequence);
+    returns the output and the new states. ``recompute``: keep only each block's input and run it again
+    in backward (same inputs, no randomness: the same values)."""
+    recompute = recompute and torch.is_grad_enabled()
+    new_states = []
+    for block, state in zip(blocks, states or [None] * len(blocks)):
+        if recompute:
+            x, state = checkpoint(block, x, state, position, use_reentrant=False)
+        else:
+            x, state = block(x, state, position)
+        new_states.append(state)
+    return x, new_states
+
+
+@torch.no_grad()
+def init_blocks(root: nn.Module, cfg: ModelConfig) -> None:
+    """Initialise every block under ``root``: normal(0, init_std) projections, residual outputs scaled by
+    1/sqrt(2 n_layers) (GPT-2), persistent tokens at unit scale like the normalised inputs they sit beside,
+    norms at 1; the memory keeps its own initialisation of W_0, the gates and the convolution (design doc,
+    section 1)."""
+    std = cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    for module in root.modules():
+        if isinstance(module, Attention):
+            inputs, output = (module.to_q, module.to_k, module.to_v), module.to_out
+            if module.persistent is not None:
+                nn.init.normal_(module.persistent, std=1.0)
+        elif isinstance(module, SwiGLU):
+            inputs, output = (module.gate, module.up), module.down
+        elif isinstance(module, NeuralMemory):
+            inputs, output = (module.to_q, module.to_k, module.to_v, module.to_gate), module.to_out
+            module.reset_parameters()
+        else:
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            continue
+        for linear in inputs:
+            nn.init.normal_(linear.weight, std=std)
+        nn.init.normal_(output.weight, std=out_std)
 
 
 def build_model(cfg: ModelConfig) -> TitansLM:

@@ -109,6 +109,11 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return total
 
 
+def backbone_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the blocks alone (no LM head), for models with other heads."""
+    return forward_flops_per_token(cfg, seq_len) - 2 * cfg.dim * cfg.vocab_size
+
+
 def model_stats(cfg: ModelConfig, seq_len: int) -> tuple[int, float]:
     """``(parameter count, forward FLOPs per token at seq_len)`` of a config, for sizing and MFU."""
     cfg.validate()

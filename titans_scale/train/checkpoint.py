@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from titans_scale.config import ConfigError, config_diff, to_dataclass, to_dict
+from titans_scale.config import ConfigError, config_diff, to_dict
 from titans_scale.models.config import ModelConfig
 
 from .schedule import move_to
@@ -86,7 +86,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 # state (DeepSpeed's shards are per data-parallel rank and per ZeRO stage), and the data loader's unit of
 # position (samples per micro-batch, sequence length).
 FIXED_ACROSS_RESUME = ("train.zero_stage", "train.precision", "train.optimizer", "train.micro_batch",
-                       "parallel.tp", "parallel.sp", "data.seq_len")
+                       "parallel.tp", "parallel.sp", "data.seq_len", "data.alphabet", "task", "forecast", "classify")
 
 
 def _lookup(config: dict, dotted: str):
@@ -101,7 +101,8 @@ def check_resumable(path: Path, config: dict, world_size: int) -> None:
     old = {"model": meta["config"]["model"], "world_size": meta["world_size"]}
     new = {"model": config["model"], "world_size": world_size}
     for key in FIXED_ACROSS_RESUME:
-        old[key], new[key] = _lookup(meta["config"], key), _lookup(config, key)
+        if _lookup(meta["config"], key) != "<absent>":  # a key newer than the checkpoint: it had the default
+            old[key], new[key] = _lookup(meta["config"], key), _lookup(config, key)
     diff = config_diff(old, new)
     if diff:
         raise ConfigError(
@@ -230,19 +231,22 @@ def full_state_dict(module: torch.nn.Module) -> dict | None:
     return out
 
 
-def export_model(module: torch.nn.Module, model_cfg: ModelConfig, path: Path) -> None:
-    """Write ``model.pt`` = {config, state_dict} atomically on rank 0 (every rank must call it)."""
+def export_model(module: torch.nn.Module, model_cfg: ModelConfig, path: Path, task: dict | None = None) -> None:
+    """Write ``model.pt`` = {config, state_dict, and the task's ``task`` / ``task_config`` (a language model
+    has none)} atomically on rank 0 (every rank must call it)."""
     state = full_state_dict(module)
     if state is None:
         return
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": "titans_scale.model/1", "config": to_dict(model_cfg), "state_dict": state}, tmp)
+    blob = {"format": "titans_scale.model/1", "config": to_dict(model_cfg), **(task or {}), "state_dict": state}
+    torch.save(blob, tmp)
     os.replace(tmp, path)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """The model and its ``ModelConfig`` from a ``model.pt`` written at the end of training."""
-    from titans_scale.models import build_model
+    """The model and its ``ModelConfig`` from a ``model.pt`` written at the end of training (a language
+    model, forecaster or classifier, as its ``task`` says)."""
+    from titans_scale.tasks import model_from_blob
 
     path = Path(path)
     if path.is_dir():
@@ -250,7 +254,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if not path.is_file():
         raise ConfigError(f"no model file at {path}; a finished run writes <run_dir>/model.pt")
     blob = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = to_dataclass(ModelConfig, blob["config"], prefix="model.")
-    model = build_model(cfg)
+    model, cfg = model_from_blob(blob)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), cfg

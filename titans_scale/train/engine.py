@@ -1,4 +1,5 @@
-"""The training engine: a model from the zoo, the streaming data path and DeepSpeed ZeRO, run for N steps.
+"""The training engine: a task's model and data (language modelling on the streaming token path,
+forecasting, classification: ``titans_scale/tasks``) and DeepSpeed ZeRO, run for N steps.
 
 One optimizer step = ``grad_accum`` micro-batches of ``micro_batch`` sequences on each of ``dp`` data-parallel
 ranks, ``global_batch_tokens`` tokens in all. DeepSpeed owns the optimizer (torch's AdamW unless the recipe
@@ -75,25 +76,11 @@ def make_plan(cfg: RunConfig, world_size: int) -> Plan:
 
 
 def check_data(cfg: RunConfig, *, build: bool) -> None:
-    """The data can be read and matches the recipe: builds the bundled sample data when it is the default
-    and missing (``build``), then checks that the shards were made with the recipe's tokenizer and that the
-    model's vocabulary holds the tokenizer's."""
-    from titans_scale import data
-    from titans_scale.data.config import resolve_data_dir, resolve_tokenizer
+    """The data can be read and matches the recipe (the task's check, a ConfigError otherwise); ``build``:
+    this process may create the default data (the bundled sample's shards, a generated series or genome)."""
+    from titans_scale.tasks import get_task
 
-    try:
-        if build:
-            data.ensure_default_data(cfg.data)
-        tokenizer = data.Tokenizer(resolve_tokenizer(cfg.data))
-        if not cfg.data.remote:  # remote shards are checked by the loader once their metadata is fetched
-            data.check_shards(resolve_data_dir(cfg.data), tokenizer, verify="none")
-    except ConfigError:
-        raise
-    except (ValueError, OSError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-                          f"tokens; set model.vocab_size={tokenizer.vocab_size}")
+    get_task(cfg.task).check(cfg, build)
 
 
 def agreed(fn, world):
@@ -115,15 +102,19 @@ def agreed(fn, world):
     return result
 
 
-class NextTokenObjective(nn.Module):
-    """The model under training, seen by DeepSpeed: forward(tokens) is the loss it backpropagates."""
+class Objective(nn.Module):
+    """The model under training, seen by DeepSpeed: forward(*batch) is the loss it backpropagates
+    (``model.loss(tokens)`` for language modelling, ``model.loss(window, target)`` for forecasting, ...)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(tokens)
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(*batch)
+
+
+NextTokenObjective = Objective  # the language model's objective, by its former name
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -179,7 +170,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, plan: Plan, device: torch.dev
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
     schedule = dict(total_steps=plan.total_steps, warmup_steps=t.warmup_steps, lr=t.lr, min_lr=t.min_lr)
     engine, *_ = deepspeed.initialize(
-        model=NextTokenObjective(model).to(device),
+        model=Objective(model).to(device),
         optimizer=optimizer,
         model_parameters=groups if optimizer is None else None,
         lr_scheduler=lambda opt: build_scheduler(opt, **schedule),
@@ -208,22 +199,22 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, plan: Plan, world):
         from titans_scale import data
-        from titans_scale.models import build_model, model_stats
+        from titans_scale.tasks import get_task, model_name
 
         self.cfg, self.plan, self.world = cfg, plan, world
+        self.task = get_task(cfg.task)
         self.run_dir = Path(cfg.run_dir)
         self.config_dict = to_dict(cfg)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         # every rank builds the same plain model (same seed), then keeps its TP shards and SP slice
-        self.model = parallelize(build_model(cfg.model), cfg.parallel)
+        self.model = parallelize(self.task.build_model(cfg), cfg.parallel)
         self.engine = build_engine(self.model, cfg, plan, world.device)
         self.dp_group = gradient_group()
-        loader_args = dict(micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size)
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, world.rank, world.world_size)
         self.step, self.tokens = 0, 0
         try:  # every rank sees the same data errors, so every rank stops
-            self.train_loader = data.build_train_loader(cfg.data, seed=cfg.train.seed, **loader_args)
-            self.val_loader = data.build_val_loader(cfg.data, **loader_args)
+            self.train_loader, self.val_loader = self.task.loaders(
+                cfg, micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size, seed=cfg.train.seed)
             if plan.resume_from is not None:
                 self.step, self.tokens = self.checkpointer.load(self.engine, plan.resume_from, self.train_loader)
         except data.DataError as e:
@@ -232,23 +223,22 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(self.config_dict)))
-        params, flops_per_token = model_stats(cfg.model, plan.seq_len)
+        params, flops_per_token = self.task.stats(cfg)
         peak = cfg.train.peak_flops or default_peak_flops(world.device)
         if world.is_main:
-            say(f"[setup] {cfg.recipe}: {cfg.model.variant} model, {human(params)} parameters | {plan.describe()} "
+            say(f"[setup] {cfg.recipe}: {model_name(cfg)} model, {human(params)} parameters | {plan.describe()} "
                 f"| ZeRO-{cfg.train.zero_stage} | {'bf16' if uses_bf16(cfg, world.device) else 'fp32'} on "
                 f"{world.device.type} | run_dir {self.run_dir}")
         self.log = RunLog(enabled=world.is_main, run_dir=self.run_dir, start_step=self.step, total_steps=plan.total_steps,
                           flops_per_token=flops_per_token, peak_flops=peak * world.world_size,
-                          wandb_cfg=cfg.wandb, config=self.config_dict)
+                          wandb_cfg=cfg.wandb, config=self.config_dict, metrics=self.task.validation_metrics)
 
     def train_step(self, batch_iter) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss over micro-batches and ranks."""
         engine = self.engine
         total = torch.zeros((), device=self.world.device)
         for _ in range(self.plan.grad_accum):
-            tokens = next(batch_iter).to(self.world.device, torch.long, non_blocking=True)
-            loss = engine(tokens)
+            loss = engine(*self.task.on_device(next(batch_iter), self.world.device))
             engine.backward(loss)
             engine.step()
             total += loss.detach().float()
@@ -261,8 +251,8 @@ class Trainer:
             self.val_batches = list(itertools.islice(iter(self.val_loader), self.cfg.train.eval_batches))
         self.engine.eval()
         total = torch.zeros((), device=self.world.device)
-        for tokens in self.val_batches:
-            total += self.engine(tokens.to(self.world.device, torch.long)).float()
+        for batch in self.val_batches:
+            total += self.engine(*self.task.on_device(batch, self.world.device)).float()
         self.engine.train()
         return mean_over(total / max(1, len(self.val_batches)), self.dp_group)
 
@@ -313,31 +303,17 @@ class Trainer:
         the finished weights, and its resume rewrites the same file."""
         path = self.run_dir / "model.pt"
         if self.cfg.train.export:
-            export_model(self.model, self.cfg.model, path)
+            export_model(self.model, self.cfg.model, path, None if self.cfg.task == "lm" else self.task.export(self.cfg))
             if self.world.is_main:
                 say(f"[done]  model written to {path}")
         self.save()
-        if self.world.is_main and self.cfg.train.export and self.cfg.train.sample_tokens:
-            say(f"[sample] {sample_text(path, self.cfg)!r}")
+        if self.world.is_main and self.cfg.train.export:
+            line = self.task.finish(path, self.cfg)
+            if line:
+                say(line)
 
     def close(self) -> None:
         self.log.close()
-
-
-def sample_text(model_path: Path, cfg: RunConfig) -> str:
-    """A short continuation of ``train.sample_prompt`` by the exported model (seeded, top-k sampling)."""
-    from titans_scale import data
-    from titans_scale.data.config import resolve_tokenizer
-    from titans_scale.models import generate
-
-    from .checkpoint import load_model
-
-    model, _ = load_model(model_path)
-    tokenizer = data.Tokenizer(resolve_tokenizer(cfg.data))
-    prompt = torch.tensor(tokenizer.encode(cfg.train.sample_prompt), dtype=torch.long)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    out = generate(model, prompt, cfg.train.sample_tokens, temperature=0.8, top_k=40, generator=generator)
-    return tokenizer.decode(out.tolist())
 
 
 def checked_plan(cfg: RunConfig, world) -> Plan:
@@ -354,6 +330,8 @@ def train(cfg: RunConfig) -> dict:
     """The main job, on every rank: join the groups, check, train, validate, save, export, sample, leave.
     Returns the step, tokens, first and last validation loss, and ``stopped``: the signal a Slurm job's end
     stopped the run on (after a checkpoint), or None when it finished."""
+    from titans_scale.tasks import get_task
+
     from .distributed import init_distributed, shutdown
 
     world = init_distributed(cfg.parallel)
@@ -375,8 +353,7 @@ def train(cfg: RunConfig) -> dict:
         if world.is_main:
             summary = f"[done]  {result['step']} steps, {human(result['tokens'])} tokens in {time.time() - started:.0f} s"
             if result["val_loss"] is not None:
-                ppl = math.exp(min(result["val_loss"], 50.0))
-                summary += f" | validation loss {result['val_loss']:.4f} | perplexity {ppl:.2f}"
+                summary += f" | {get_task(cfg.task).summary(result['val_loss'])}"
             say(summary)
         return result
     finally:

@@ -49,8 +49,11 @@ class RunLog:
     """What rank 0 reports during training; the other ranks hold an inert one (``enabled=False``)."""
 
     def __init__(self, *, enabled: bool, run_dir: Path, start_step: int, total_steps: int,
-                 flops_per_token: float, peak_flops: float, wandb_cfg=None, config: dict | None = None):
+                 flops_per_token: float, peak_flops: float, wandb_cfg=None, config: dict | None = None,
+                 metrics=None):
         self.enabled = enabled
+        # what else a validation loss says (the task's): perplexity for a language model
+        self.metrics = metrics or (lambda loss: {"val_ppl": math.exp(min(loss, 50.0))})
         self.start_step, self.total_steps = start_step, total_steps
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -108,9 +111,10 @@ class RunLog:
     def validation(self, step: int, loss: float) -> None:
         if not self.enabled:
             return
-        ppl = math.exp(min(loss, 50.0))
-        say(f"[eval]  step {step}/{self.total_steps} | val loss {loss:.4f} | val ppl {ppl:.2f}")
-        self.record({"step": step, "val_loss": loss, "val_ppl": ppl})
+        extra = self.metrics(loss)
+        words = "".join(f" | {name.replace('_', ' ')} {value:.2f}" for name, value in extra.items())
+        say(f"[eval]  step {step}/{self.total_steps} | val loss {loss:.4f}{words}")
+        self.record({"step": step, "val_loss": loss, **extra})
 
     def close(self) -> None:
         if self.wandb is not None:
