@@ -360,6 +360,16 @@ def test_tiny_recipe_trains_end_to_end_and_validation_loss_falls(tmp_path):
     model, cfg = load_model(run_dir / "model.pt")
     assert cfg.dim == 64 and cfg.variant == "mag"
     assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, cfg.vocab_size)
+    # the trained model in the Hugging Face layout (the run's tokenizer found from its checkpoint): equal logits
+    import titans_scale
+    from titans_scale.export import main as export_main
+
+    assert export_main(["--checkpoint", str(run_dir)]) == 0
+    exported = titans_scale.from_pretrained(run_dir / "hf")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(tokens)[0], model(tokens)[0])
+    assert (run_dir / "hf" / "tokenizer.model").stat().st_size > 0
 
 
 def test_schedule_warms_up_then_follows_the_cosine_to_min_lr():
