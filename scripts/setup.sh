@@ -18,6 +18,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -c 'import torchvision' 2>/dev/null || .venv/bin/python -m pip uninstall -q -y torchvision
   echo "$want" > "$stamp"
 fi
-# `lm_eval --model titans_scale` (lm-eval has no plugin discovery: a .pth start-up hook registers the class)
-[ -f "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/titans_scale_lm_eval.pth" ] ||
-  .venv/bin/python -m titans_scale.lm_eval_plugin >/dev/null
+# `lm_eval --model titans_scale` (lm-eval has no plugin discovery: a .pth start-up hook registers the class
+# by name; it imports nothing of titans_scale at start-up). Rewritten every time: it follows lm_eval_plugin.py.
+.venv/bin/python -m titans_scale.lm_eval_plugin >/dev/null
