@@ -72,3 +72,24 @@ def test_dry_run_prints_the_plan(shards, tmp_path, capsys):  # noqa: F811
     assert "[plan] mag:" in result.stdout and "world 2 (dp 2) | 6 steps of 512 tokens" in result.stdout
     assert "variant: mag" in result.stdout  # the resolved recipe
     assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_dry_run_without_data_estimates_from_the_recipe(tmp_path, capsys):
+    """A paper recipe leaves its data open (???): the dry run still prints the config, plan and GPU-hours."""
+    result = train_main(capsys, ["recipe=mac_760m", "dry_run=true", f"run_dir={tmp_path}"])
+    assert result.returncode == 0, result
+    assert "[config] recipe 'mac_760m' resolved" in result.stdout and "seq_len: 4096" in result.stdout
+    assert "[data] not checked: data.data_dir, data.tokenizer left open" in result.stdout
+    assert "[plan] mac: 757.1M parameters" in result.stdout and "GPU-hours at 40% MFU" in result.stdout
+    # without dry_run the same command names what to set
+    result = train_main(capsys, ["recipe=mac_760m", f"run_dir={tmp_path}"])
+    assert_refused_before_training(result, "data.data_dir, data.tokenizer must be set", "dry_run=true")
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    ({"data__seq_len": 128}, ["data.seq_len=128 but the shards in", "hold sequences of 64", "set data.seq_len=64"]),
+    ({"data__vocab_size": 512}, ["made with a 400-token tokenizer", "data.vocab_size=512", "set data.vocab_size=400"]),
+])
+def test_dry_run_refuses_shards_that_do_not_fit_the_recipe(overrides, needles, shards, tmp_path, capsys):  # noqa: F811
+    result = train_main(capsys, train_args(shards, tmp_path, dry_run="true", **overrides))
+    assert_refused_before_training(result, *needles)

@@ -19,7 +19,8 @@ USAGE = """usage: python -m titans_scale.launch recipe=NAME [key=value ...]
   nproc=N              N processes on this machine (under torchrun / deepspeed / srun: one per task)
   resume=auto|never|PATH   continue from the newest complete checkpoint in run_dir (auto), start over, or
                        start from a given checkpoint
-  dry_run=true         resolve, check and print the plan without training
+  dry_run=true         resolve, check and print the plan and its cost without training (the data may be
+                       left open: a paper recipe's estimate needs no data)
 
 See docs/training.md for every field."""
 
@@ -52,20 +53,21 @@ def memory_backend(cfg) -> str:
     return f"memory backend {backend} on {device}" + (f" (not triton: {reason})" if reason else "")
 
 
-def dry_run(cfg, world_size: int) -> None:
-    """Print the resolved recipe and what the run would do; build and check the data."""
-    from omegaconf import OmegaConf
-
+def dry_run(cfg, world_size: int, left_open: list[str] = ()) -> None:
+    """Print the plan and what the run would cost; check the data (building the bundled sample when it is
+    the default), unless the recipe's data is left open: the plan and estimate need only the recipe."""
     from titans_scale.models import model_stats
     from titans_scale.train.engine import check_data, make_plan
     from titans_scale.train.metrics import human
 
     plan = make_plan(cfg, world_size)
-    check_data(cfg, build=True)
+    if left_open:
+        print(f"[data] not checked: {', '.join(left_open)} left open (the plan and the estimate need only the recipe)")
+    else:
+        check_data(cfg, build=True)
     params, flops = model_stats(cfg.model, plan.seq_len)
-    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip())
-    print(f"[plan] {cfg.model.variant}: {human(params)} parameters, {human(3 * flops)} FLOPs per token (fwd+bwd) | "
-          f"{memory_backend(cfg)} | {plan.describe()}")
+    print(f"[plan] {cfg.model.variant}: {human(params)} parameters, "
+          f"{human(3 * flops)} FLOPs per token (fwd+bwd) | {memory_backend(cfg)} | {plan.describe()}")
     from titans_scale.submit import estimate_line
 
     print(estimate_line(cfg, plan))  # GPU-hours at 40% MFU of an H100 (train.peak_flops for another GPU)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
         return 0
-    from titans_scale.config import ConfigError, resolve
+    from titans_scale.config import ConfigError, config_text, open_keys, resolve
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         world_size, external = worker_count(cfg)
         if cfg.dry_run:
             if rank == 0:
-                dry_run(cfg, world_size)
+                print(config_text(cfg), flush=True)
+                dry_run(cfg, world_size, open_keys(argv))
             return 0
         if not external:
             from titans_scale.train.engine import make_plan

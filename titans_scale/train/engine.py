@@ -21,7 +21,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
-from titans_scale.config import ConfigError, RunConfig, to_dict
+from titans_scale.config import ConfigError, RunConfig, config_text, to_dict
 from titans_scale.parallel import parallelize, validate_parallel
 
 from .checkpoint import Checkpointer, atomic_write, check_resumable, export_model, find_checkpoint, resolve_resume
@@ -76,21 +76,28 @@ def make_plan(cfg: RunConfig, world_size: int) -> Plan:
 
 def check_data(cfg: RunConfig, *, build: bool) -> None:
     """The data can be read and matches the recipe: builds the bundled sample data when it is the default
-    and missing (``build``), then checks that the shards were made with the recipe's tokenizer and that the
-    model's vocabulary holds the tokenizer's."""
+    and missing (``build``), then checks that the shards were made with the recipe's tokenizer, vocabulary
+    (data.vocab_size) and sequence length, and that the model's vocabulary holds the tokenizer's."""
     from titans_scale import data
     from titans_scale.data.config import resolve_data_dir, resolve_tokenizer
+    from titans_scale.data.loader import check_seq_len
 
     try:
         if build:
             data.ensure_default_data(cfg.data)
         tokenizer = data.Tokenizer(resolve_tokenizer(cfg.data))
         if not cfg.data.remote:  # remote shards are checked by the loader once their metadata is fetched
-            data.check_shards(resolve_data_dir(cfg.data), tokenizer, verify="none")
+            data_dir = resolve_data_dir(cfg.data)
+            check_seq_len(data.check_shards(data_dir, tokenizer, verify="none"), cfg.data, data_dir)
     except ConfigError:
         raise
     except (ValueError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    if tokenizer.vocab_size != cfg.data.vocab_size:
+        where = f"the shards in {resolve_data_dir(cfg.data)} were" if not cfg.data.remote else "the data is"
+        raise ConfigError(f"{where} made with a {tokenizer.vocab_size}-token tokenizer ({tokenizer.path}) but the recipe's "
+                          f"vocabulary is data.vocab_size={cfg.data.vocab_size}; set data.vocab_size={tokenizer.vocab_size} "
+                          f"(and model.vocab_size where the recipe fixes it), or use data of a {cfg.data.vocab_size}-token tokenizer")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
                           f"tokens; set model.vocab_size={tokenizer.vocab_size}")
@@ -358,6 +365,8 @@ def train(cfg: RunConfig) -> dict:
 
     world = init_distributed(cfg.parallel)
     try:
+        if world.is_main:
+            say(config_text(cfg))
         plan = checked_plan(cfg, world)
         started = time.time()
         with RequeueHandler() as stop:  # before the loaders fork their workers: they inherit the handlers
