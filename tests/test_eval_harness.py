@@ -124,6 +124,19 @@ def test_harness_refuses_an_unknown_task_in_one_line(tmp_path, data_tokenizer_pa
     assert "unknown lm-eval task 'tiny_choise'" in err and "did you mean tiny_choice" in err
 
 
+def test_a_task_that_needs_the_hub_offline_is_one_line(tmp_path, data_tokenizer_path, offline_hub, capsys):
+    """A task whose dataset lives on the Hugging Face hub (as piqa's does), with the hub unreachable."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_choice.yaml").write_text(
+        "task: hub_choice\ndataset_path: baber/piqa\noutput_type: multiple_choice\ntest_split: validation\n"
+        "doc_to_text: '{{goal}}'\ndoc_to_choice: '{{[sol1, sol2]}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    code, _, err = eval_cli(capsys, "harness", "--checkpoint", str(eval_checkpoint(tmp_path)), "--tokenizer",
+                            data_tokenizer_path, "--tasks", "hub_choice", "--include-path", str(tasks), "--no-default-tasks")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "need their datasets from the Hugging Face hub, which cannot be reached" in err and "baber/piqa" in err
+
+
 def test_lm_eval_finds_the_registered_model_class():
     from lm_eval.api.registry import get_model
 

@@ -97,8 +97,10 @@ def spawn_workers(argv: list[str], nproc: int) -> int:
         raise KeyboardInterrupt from None
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
-        if len(codes) == 1 and codes <= {USER_ERROR} | {exit_code(s) for s in REQUEUE_SIGNALS + STOP_SIGNALS}:
-            return codes.pop()  # a user error or a signal stop: rank 0 has said why
+        if USER_ERROR in codes:  # a user error: rank 0 has said why (the others may have been stopped meanwhile)
+            return USER_ERROR
+        if len(codes) == 1 and codes <= {exit_code(s) for s in REQUEUE_SIGNALS + STOP_SIGNALS}:
+            return codes.pop()  # a signal stop: rank 0 has said why
         rank, failure = min(e.failures.items())
         print(f"error: worker rank {rank} exited with code {failure.exitcode} (its output is above)", file=sys.stderr)
         return 1
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return exit_code(train(cfg)["stopped"])  # 128 + the signal when a job's end stopped the run
     except ConfigError as e:
-        if rank == 0:
+        if rank == 0 and not getattr(e, "reported", False):  # train() reports its own
             print(f"error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,11 +89,17 @@ def check_data(cfg: RunConfig, *, build: bool) -> None:
         tokenizer = data.Tokenizer(resolve_tokenizer(cfg.data))
         if not cfg.data.remote:  # remote shards are checked by the loader once their metadata is fetched
             data_dir = resolve_data_dir(cfg.data)
-            check_seq_len(data.check_shards(data_dir, tokenizer, verify="none"), cfg.data, data_dir)
+            meta = data.check_shards(data_dir, tokenizer, verify="none")
+            check_seq_len(meta, cfg.data, data_dir)
     except ConfigError:
         raise
     except (ValueError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
+    if cfg.train.eval_batches and not cfg.data.remote and "val" not in meta["splits"]:
+        how = ("were auto-prepared with data.val_fraction=0" if not cfg.data.data_dir
+               else "were prepared with --val-fraction 0")
+        raise ConfigError(f"the shards in {data_dir} have no validation split (they {how}); train without validation "
+                          f"with train.eval_batches=0, or use shards with one")
     if tokenizer.vocab_size != cfg.data.vocab_size:
         where = f"the shards in {resolve_data_dir(cfg.data)} were" if not cfg.data.remote else "the data is"
         raise ConfigError(f"{where} made with a {tokenizer.vocab_size}-token tokenizer ({tokenizer.path}) but the recipe's "
@@ -230,7 +237,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         try:  # every rank sees the same data errors, so every rank stops
             self.train_loader = data.build_train_loader(cfg.data, seed=cfg.train.seed, **loader_args)
-            self.val_loader = data.build_val_loader(cfg.data, **loader_args)
+            self.val_loader = data.build_val_loader(cfg.data, **loader_args) if cfg.train.eval_batches else None
             if plan.resume_from is not None:
                 self.step, self.tokens = self.checkpointer.load(self.engine, plan.resume_from, self.train_loader)
         except data.DataError as e:
@@ -388,5 +395,10 @@ def train(cfg: RunConfig) -> dict:
                 summary += f" | validation loss {result['val_loss']:.4f} | perplexity {ppl:.2f}"
             say(summary)
         return result
+    except ConfigError as e:  # said here, before leaving the groups: a launcher may stop this rank once another exits
+        if world.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        e.reported = True
+        raise
     finally:
         shutdown()
