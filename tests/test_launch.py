@@ -5,6 +5,7 @@ made with another tokenizer)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import data_make_documents
@@ -120,3 +121,18 @@ def test_auto_prepare_errors_name_the_run_keys_in_one_line(tmp_path):
     trained = train_launch(args[:-1] + ["nproc=1", "data.val_fraction=0", "train.eval_batches=0",
                                         f"run_dir={tmp_path / 'c'}"], env=env)
     assert trained.returncode == 0 and "[train] step 1/1" in trained.stdout, trained
+
+
+def test_every_command_tells_its_version_and_which_copy_runs(capsys):
+    import importlib
+
+    import titans_scale
+
+    expected = f"titans_scale {titans_scale.__version__} ({Path(titans_scale.__file__).parent})\n"
+    for module in ("launch", "submit", "eval.__main__", "generate", "export", "data.prepare", "data.tokenizer"):
+        main = importlib.import_module(f"titans_scale.{module}").main
+        try:
+            code = main(["--version"])
+        except SystemExit as done:  # argparse's version action
+            code = done.code
+        assert code in (0, None) and capsys.readouterr().out == expected, module

@@ -19,6 +19,7 @@ USAGE = """usage: python -m titans_scale.launch recipe=NAME [key=value ...]
   nproc=N              N processes on this machine (under torchrun / deepspeed / srun: one per task)
   resume=auto|never|PATH   continue from the newest complete checkpoint in run_dir (auto), start over, or
                        start from a given checkpoint
+  --version            which titans_scale runs (version and path)
   dry_run=true         resolve, check and print the plan and its cost without training (the data may be
                        left open: a paper recipe's estimate needs no data)
 
@@ -111,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
+        return 0
+    if "--version" in argv:
+        from titans_scale import version_text
+
+        print(version_text())
         return 0
     from titans_scale.config import ConfigError, config_text, open_keys, resolve
 

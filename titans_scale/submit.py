@@ -366,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
         return 0
+    if "--version" in argv:
+        from titans_scale import version_text
+
+        print(version_text())
+        return 0
     from titans_scale.config import ConfigError, config_text, open_keys
 
     try:

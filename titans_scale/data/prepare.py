@@ -29,6 +29,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from titans_scale import version_text
+
 from .corpus import Document, check_corpus, iter_documents, resolve_corpus
 from .errors import DataError, run_cli
 from .progress import Progress, human
@@ -338,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=float, default=None, help="stop once the train split holds this many tokens")
     parser.add_argument("--shard-size-mb", type=float, default=64, help="uncompressed shard size (default 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--version", action="version", version=version_text())
     args = parser.parse_args(argv)
     prepare(
         args.corpus if len(args.corpus) > 1 else args.corpus[0],

@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(USAGE)
             return 0
+        if argv[0] == "--version":
+            from titans_scale import version_text
+
+            print(version_text())
+            return 0
         name = ALIASES.get(argv[0], argv[0])
         if name == "lm_eval":
             task_module("harness")
