@@ -355,6 +355,8 @@ def test_tiny_recipe_trains_end_to_end_and_validation_loss_falls(tmp_path):
     assert val[24] < val[0] - 0.5, val
     assert "[sample]" in result.stdout and "perplexity" in result.stdout
     assert (run_dir / "model.pt").is_file() and (run_dir / "wandb").is_dir()
+    assert list(run_dir.glob("wandb/wandb/offline-run-*/run-*.wandb"))  # where docs/training.md says to sync from
+    assert result.stdout.count("[config] recipe 'tiny' resolved") == 1 and "train:\n  steps: 24" in result.stdout
     from titans_scale.train.checkpoint import load_model
 
     model, cfg = load_model(run_dir / "model.pt")
