@@ -254,6 +254,23 @@ def test_batched_defaults_fit_a_token_budget_and_change_no_result(eval_files):
         [r["prediction"] for r in evaluate(model, tok, [dict(r) for r in records], **settings)]
 
 
+def test_curves_command_draws_loss_and_perplexity_of_a_run(tmp_path, capsys):
+    from titans_scale.eval.curves import moving_average, read_metrics
+
+    rows = [{"step": 0, "val_loss": 6.0, "val_ppl": 403.4}]
+    rows += [{"step": s, "loss": 6.0 - 0.05 * s, "lr": 1e-3, "tokens": 512 * s} for s in range(1, 41)]
+    rows += [{"step": 40, "val_loss": 4.1, "val_ppl": 60.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, val = read_metrics(tmp_path)
+    assert len(train) == 40 and val == [(0, 6.0), (40, 4.1)]
+    assert moving_average([1.0, 1.0, 4.0], 2)[-1] == pytest.approx(1.0 + 2 / 3 * 3.0)
+    code, out, err = eval_cli(capsys, "curves", str(tmp_path))
+    assert code == 0 and out == f"wrote {tmp_path / 'curves.png'}\n", err
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = eval_cli(capsys, "curves", str(tmp_path / "nowhere"))
+    assert code == 2 and err.count("\n") == 1 and "no metrics.jsonl in" in err
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 

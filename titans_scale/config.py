@@ -65,6 +65,7 @@ class TrainConfig:
     sample_tokens: int = 48  # length of the sample generated at the end (0 = none)
     sample_prompt: str = "The"
     export: bool = True  # write the consolidated model.pt at the end
+    profile: bool = False  # trace 3 optimizer steps (after 2) with torch's profiler into <run_dir>/profile/
 
 
 @dataclass
