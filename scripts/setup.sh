@@ -12,9 +12,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing the stack into .venv (about 2 minutes on a fresh machine)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[test,eval]'
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[test,eval,hf]'
+  # PyPI's torchvision (pulled in by mosaicml-streaming, used only by its vision datasets) is a CUDA build that
+  # a CPU torch cannot load, and transformers imports it when present: drop it where it does not load
+  .venv/bin/python -c 'import torchvision' 2>/dev/null || .venv/bin/python -m pip uninstall -q -y torchvision
   echo "$want" > "$stamp"
 fi
-# `lm_eval --model titans_scale` (lm-eval has no plugin discovery: a .pth start-up hook registers the class)
-[ -f "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/titans_scale_lm_eval.pth" ] ||
-  .venv/bin/python -m titans_scale.lm_eval_plugin >/dev/null
+# `lm_eval --model titans_scale` (lm-eval has no plugin discovery: a .pth start-up hook registers the class
+# by name; it imports nothing of titans_scale at start-up). Rewritten every time: it follows lm_eval_plugin.py.
+.venv/bin/python -m titans_scale.lm_eval_plugin >/dev/null

@@ -218,6 +218,59 @@ def test_babilong_command_accuracy_by_task_and_length(eval_files, capsys):
     assert {(s["task"], s["length"]) for s in record["samples"]} == {("qa1", "4k"), ("qa2", "8k")}
 
 
+def test_batched_defaults_fit_a_token_budget_and_change_no_result(eval_files):
+    """--batch-size auto (the default of perplexity, S-NIAH and BABILong) fills a model call to 8192 tokens;
+    batches of ragged prompts (BABILong) read each row's own tokens: the answers of one prompt at a time."""
+    from titans_scale.data.tokenizer import Tokenizer
+    from titans_scale.eval.babilong import evaluate
+    from titans_scale.eval.inference import TOKENS_PER_CALL, auto_batch_size, batches_by_length, greedy_continuations
+    from titans_scale.eval.perplexity import _batches, evaluate_sequences
+
+    assert TOKENS_PER_CALL == 8192
+    assert (auto_batch_size(256, 2048), auto_batch_size(4096, 2048), auto_batch_size(16384, None)) == (32, 4, 1)
+    sequences = [list(range(2, 2 + n)) for n in (3000, 40, 9000, 50, 60, 70)]
+    for batch in _batches(sequences, None, None, window=2048):
+        assert len(batch) == 1 or len(batch) * min(2048, max(map(len, batch)) - 1) <= TOKENS_PER_CALL
+    assert list(batches_by_length(sequences, len, None, window=None)) == [[1, 3, 4, 5], [0], [2]]  # shortest first
+    assert list(batches_by_length(sequences, len, 4, window=None)) == [[1, 3, 4, 5], [0, 2]]
+
+    tok, model = Tokenizer(eval_files["tokenizer"]), eval_model(eval_files["model"])
+    docs = [[tok.eos_id] + tok.encode(d) for d in eval_files["docs"]]
+    one = evaluate_sequences(model, docs, batch_size=1, window=16)
+    auto = evaluate_sequences(model, docs, window=16)
+    assert auto.loss == pytest.approx(one.loss, rel=1e-12, abs=0) and auto.tokens == one.tokens
+
+    prompts = [d[: 9 + 7 * i] for i, d in enumerate(docs)]  # ragged: 9, 16, 23, 30 tokens
+    batched = greedy_continuations(model, prompts, 6, window=8)
+    with torch.no_grad():
+        for prompt, got in zip(prompts, batched):
+            alone = []
+            for _ in range(6):
+                alone.append(int(model(torch.tensor([prompt + alone]))[0][0, -1].argmax()))
+            assert got == alone
+    records = [{"task": "qa1", "length": "1k", "context": d, "question": "Where?", "target": "x"} for d in eval_files["docs"]]
+    settings = dict(template="{context}\n{question}", max_new_tokens=5, window=8, device="cpu")
+    assert [r["prediction"] for r in evaluate(model, tok, [dict(r) for r in records], batch_size=1, **settings)] == \
+        [r["prediction"] for r in evaluate(model, tok, [dict(r) for r in records], **settings)]
+
+
+def test_curves_command_draws_loss_and_perplexity_of_a_run(tmp_path, capsys):
+    from titans_scale.eval.curves import moving_average, read_metrics
+
+    rows = [{"step": 0, "val_loss": 6.0, "val_ppl": 403.4}]
+    rows += [{"step": s, "loss": 6.0 - 0.05 * s, "lr": 1e-3, "tokens": 512 * s} for s in range(1, 41)]
+    rows += [{"step": 40, "val_loss": 4.1, "val_ppl": 60.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, val = read_metrics(tmp_path)
+    assert len(train) == 40 and val == [(0, 6.0), (40, 4.1)]
+    assert moving_average([1.0, 1.0, 4.0], 2)[-1] == pytest.approx(1.0 + 2 / 3 * 3.0)
+    code, out, err = eval_cli(capsys, "curves", str(tmp_path))
+    assert code == 0 and out == f"wrote {tmp_path / 'curves.png'}\n", err
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = eval_cli(capsys, "curves", str(tmp_path / "nowhere"))
+    assert code == 2 and err.count("\n") == 1 and "no metrics.jsonl in" in err
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 

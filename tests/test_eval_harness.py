@@ -124,6 +124,19 @@ def test_harness_refuses_an_unknown_task_in_one_line(tmp_path, data_tokenizer_pa
     assert "unknown lm-eval task 'tiny_choise'" in err and "did you mean tiny_choice" in err
 
 
+def test_a_task_that_needs_the_hub_offline_is_one_line(tmp_path, data_tokenizer_path, offline_hub, capsys):
+    """A task whose dataset lives on the Hugging Face hub (as piqa's does), with the hub unreachable."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_choice.yaml").write_text(
+        "task: hub_choice\ndataset_path: baber/piqa\noutput_type: multiple_choice\ntest_split: validation\n"
+        "doc_to_text: '{{goal}}'\ndoc_to_choice: '{{[sol1, sol2]}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    code, _, err = eval_cli(capsys, "harness", "--checkpoint", str(eval_checkpoint(tmp_path)), "--tokenizer",
+                            data_tokenizer_path, "--tasks", "hub_choice", "--include-path", str(tasks), "--no-default-tasks")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "need their datasets from the Hugging Face hub, which cannot be reached" in err and "baber/piqa" in err
+
+
 def test_lm_eval_finds_the_registered_model_class():
     from lm_eval.api.registry import get_model
 
@@ -149,3 +162,30 @@ def test_bare_lm_eval_command_finds_the_model(tmp_path, data_tokenizer_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tiny_choice" in result.stdout and "acc" in result.stdout, result.stdout
+
+
+def test_start_up_hook_imports_nothing_of_titans_scale(tmp_path):
+    """The .pth hook registers the model by name only: titans_scale is not imported at start-up (so
+    ``python -m titans_scale.X`` in another checkout runs that checkout's code), and lm-eval still finds the
+    class when asked. The hook module is written fresh into a private site directory."""
+    from titans_scale.lm_eval_plugin import HOOK_MODULE, PTH_NAME, write_pth
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    write_pth(str(site_dir))
+    assert (site_dir / PTH_NAME).is_file() and (site_dir / f"{HOOK_MODULE}.py").is_file()
+    other = tmp_path / "other" / "titans_scale"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    (other / "probe.py").write_text("print('other checkout')\n")
+    # a site directory processed like site-packages at start-up (site.addsitedir runs its .pth files)
+    boot = (f"import site, sys; site.addsitedir({str(site_dir)!r}); "
+            "assert 'titans_scale' not in sys.modules and {hook!r} in sys.modules; ").format(hook=HOOK_MODULE)
+    env = {**os.environ, "PYTHONPATH": ""}
+    probe = subprocess.run([sys.executable, "-c", boot + "import runpy; runpy.run_module('titans_scale.probe', run_name='__main__')"],
+                           cwd=tmp_path / "other", capture_output=True, text=True, env=env, timeout=120)
+    assert probe.returncode == 0 and probe.stdout == "other checkout\n", probe.stderr[-2000:]
+    found = subprocess.run([sys.executable, "-c", boot + "import lm_eval.models; from lm_eval.api.registry import get_model; "
+                            "assert 'titans_scale' not in sys.modules; print(get_model('titans_scale').__name__)"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert found.returncode == 0 and found.stdout.strip() == "TitansHarnessLM", found.stderr[-2000:]

@@ -55,3 +55,13 @@ def test_paper_recipe_refuses_to_start_without_its_data():
 
     with pytest.raises(ConfigError, match=r"data.data_dir, data.tokenizer must be set.*add data.data_dir=\.\.\. data"):
         resolve(["recipe=mag_340m"])
+
+
+def test_tokenizer_readme_names_the_tokenizer_the_tiny_run_trains():
+    from titans_scale.data.config import resolve_tokenizer
+
+    text = (RECIPES_DIR.parent / "tokenizer" / "README.md").read_text()
+    cfg = resolve(["recipe=tiny"])
+    assert f"{cfg.data.vocab_size}-token tokenizer" in text
+    assert f"sample/{resolve_tokenizer(cfg.data).name}" in text
+    assert set(re.findall(r"tokenizer-v(\d+)\.model", text)) == {str(cfg.data.vocab_size)}

@@ -72,10 +72,12 @@ def test_cli_exit_code_and_single_line():
 
 
 def test_dry_run_prints_the_plan_and_the_gpu_hours(shards, capsys, tmp_path):
-    code, out, err = submit_main(capsys, "recipe=mac_760m", "nodes=2", "mfu=0.5", "dry_run=true", *paper_data(shards),
+    """From the recipe alone: the paper recipe's data is left open."""
+    code, out, err = submit_main(capsys, "recipe=mac_760m", "nodes=2", "mfu=0.5", "dry_run=true",
                                  f"folder={tmp_path / 'submitit'}")
     assert code == 0, err
     assert "variant: mac" in out and "seq_len: 4096" in out  # the resolved recipe
+    assert "[data] not checked: data.data_dir, data.tokenizer left open" in out
     assert "757.1M parameters" in out
     assert "world 16 (dp 16) | 57221 steps of 524.3K tokens = 16 dp x 8 accum x 1 seqs x 4096 tokens" in out
     hours = float(re.search(r"= ([\d,.]+) GPU-hours at 50% MFU of 989 TFLOP/s", out).group(1).replace(",", ""))

@@ -234,10 +234,20 @@ SPLIT_RUN = dict(train__steps=K, train__eps=1e-3, train__checkpoint_every=K - 1,
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory, shards) -> Path:
+    """Also traced with torch's profiler (train.profile=true: numbers unchanged; its trace checked below)."""
     run_dir = tmp_path_factory.mktemp("one_process")
-    result = train_launch(train_args(shards, run_dir, **SPLIT_RUN), world=1)
+    result = train_launch(train_args(shards, run_dir, **SPLIT_RUN, train__profile="true"), world=1)
     assert result.returncode == 0, result
+    assert f"[profile] steps {K}-{K} traced into {run_dir / 'profile' / 'trace_rank0.json'}" in result.stdout, result
     return run_dir
+
+
+def test_profile_writes_a_trace_of_the_steps_after_the_first_two(one_process_run):
+    trace = json.loads((one_process_run / "profile" / "trace_rank0.json").read_text())
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert "ProfilerStep#2" in names and not {"ProfilerStep#0", "ProfilerStep#1"} & names  # step K = 3, 0-based 2
+    assert any("aten::mm" in name or "aten::addmm" in name for name in names)
+    assert "Self CPU" in (one_process_run / "profile" / "ops_rank0.txt").read_text()
 
 
 @pytest.mark.parametrize("layout", [dict(parallel__tp=2, train__zero_stage=2), dict(parallel__sp=2)],
@@ -388,12 +398,25 @@ def test_tiny_recipe_trains_end_to_end_and_validation_loss_falls(tmp_path):
     assert sorted(val) == [0, 12, 24]
     assert val[24] < val[0] - 0.5, val
     assert "[sample]" in result.stdout and "perplexity" in result.stdout
+    assert f"[done]  curves in {run_dir / 'curves.png'}" in result.stdout and (run_dir / "curves.png").stat().st_size
     assert (run_dir / "model.pt").is_file() and (run_dir / "wandb").is_dir()
+    assert list(run_dir.glob("wandb/wandb/offline-run-*/run-*.wandb"))  # where docs/training.md says to sync from
+    assert result.stdout.count("[config] recipe 'tiny' resolved") == 1 and "train:\n  steps: 24" in result.stdout
     from titans_scale.train.checkpoint import load_model
 
     model, cfg = load_model(run_dir / "model.pt")
     assert cfg.dim == 64 and cfg.variant == "mag"
     assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, cfg.vocab_size)
+    # the trained model in the Hugging Face layout (the run's tokenizer found from its checkpoint): equal logits
+    import titans_scale
+    from titans_scale.export import main as export_main
+
+    assert export_main(["--checkpoint", str(run_dir)]) == 0
+    exported = titans_scale.from_pretrained(run_dir / "hf")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exported(tokens)[0], model(tokens)[0])
+    assert (run_dir / "hf" / "tokenizer.model").stat().st_size > 0
 
 
 def test_schedule_warms_up_then_follows_the_cosine_to_min_lr():

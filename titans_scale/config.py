@@ -66,6 +66,7 @@ class TrainConfig:
     sample_tokens: int = 48  # length of the sample generated at the end (0 = none)
     sample_prompt: str = "The"
     export: bool = True  # write the consolidated model.pt at the end
+    profile: bool = False  # trace 3 optimizer steps (after 2) with torch's profiler into <run_dir>/profile/
 
 
 @dataclass
@@ -212,17 +213,33 @@ def parse_overrides(args: list[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {' '.join(args)!r}: {str(e).splitlines()[0]}") from None
 
 
-def resolve(args: list[str] | None = None, *, recipe: str | None = None, recipes_dir: Path = RECIPES_DIR) -> RunConfig:
-    """The run configuration of ``recipe=NAME key=value ...`` (recipe ``tiny`` when none is named)."""
+def _merged(args: list[str] | None, recipe: str | None, recipes_dir: Path) -> tuple[str, DictConfig]:
+    """(recipe name, the recipe merged with the command's overrides), not yet checked."""
     overrides = parse_overrides(list(args or []))
     name = str(overrides.pop("recipe", None) or recipe or "tiny")
-    merged = OmegaConf.merge(_load_recipe(name, recipes_dir), overrides)
+    return name, OmegaConf.merge(_load_recipe(name, recipes_dir), overrides)
+
+
+def open_keys(args: list[str] | None = None, *, recipe: str | None = None, recipes_dir: Path = RECIPES_DIR) -> list[str]:
+    """The keys the recipe leaves open (``???``) that the command does not set."""
+    return sorted(OmegaConf.missing_keys(_merged(args, recipe, recipes_dir)[1]))
+
+
+def resolve(args: list[str] | None = None, *, recipe: str | None = None, recipes_dir: Path = RECIPES_DIR) -> RunConfig:
+    """The run configuration of ``recipe=NAME key=value ...`` (recipe ``tiny`` when none is named). A dry run
+    may leave the data open (a paper recipe's ``data.*: ???``): it plans and estimates from the recipe alone,
+    the open keys read as null (``open_keys`` names them)."""
+    name, merged = _merged(args, recipe, recipes_dir)
     merged.recipe = name
     missing = sorted(OmegaConf.missing_keys(merged))
+    if missing and merged.get("dry_run") is True and all(key.startswith("data.") for key in missing):
+        for key in missing:
+            OmegaConf.update(merged, key, None)
+        missing = []
     if missing:  # a value the recipe leaves to the user (``???``), e.g. a paper recipe's data paths
         given = " ".join(f"{key}=..." for key in missing)
         raise ConfigError(f"{', '.join(missing)} must be set: recipe {name!r} leaves {'it' if len(missing) == 1 else 'them'} "
-                          f"open (???); add {given} to the command")
+                          f"open (???); add {given} to the command (or dry_run=true to plan without the data)")
     try:
         OmegaConf.resolve(merged)  # ${...} interpolations inside recipes
     except OmegaConfBaseException as e:
@@ -284,6 +301,12 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
             f"change nproc or the parallel sizes"
         )
     return world_size // model_parallel
+
+
+def config_text(cfg: RunConfig) -> str:
+    """The resolved config as printed at the start of every run (and by a dry run): a header, then YAML."""
+    return f"[config] recipe {cfg.recipe!r} resolved (saved as <run_dir>/config.yaml):\n" + \
+        OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip()
 
 
 def to_dict(cfg: Any) -> dict:

@@ -19,7 +19,9 @@ USAGE = """usage: python -m titans_scale.launch recipe=NAME [key=value ...]
   nproc=N              N processes on this machine (under torchrun / deepspeed / srun: one per task)
   resume=auto|never|PATH   continue from the newest complete checkpoint in run_dir (auto), start over, or
                        start from a given checkpoint
-  dry_run=true         resolve, check and print the plan without training
+  --version            which titans_scale runs (version and path)
+  dry_run=true         resolve, check and print the plan and its cost without training (the data may be
+                       left open: a paper recipe's estimate needs no data)
 
 See docs/training.md for every field."""
 
@@ -53,18 +55,19 @@ def memory_backend(cfg) -> str:
     return f"memory backend {backend} on {device}" + (f" (not triton: {reason})" if reason else "")
 
 
-def dry_run(cfg, world_size: int) -> None:
-    """Print the resolved recipe and what the run would do; build and check the data."""
-    from omegaconf import OmegaConf
-
+def dry_run(cfg, world_size: int, left_open: list[str] = ()) -> None:
+    """Print the plan and what the run would cost; check the data (building the bundled sample when it is
+    the default), unless the recipe's data is left open: the plan and estimate need only the recipe."""
     from titans_scale.tasks import get_task, model_name
     from titans_scale.train.engine import check_data, make_plan
     from titans_scale.train.metrics import human
 
     plan = make_plan(cfg, world_size)
-    check_data(cfg, build=True)
+    if left_open:
+        print(f"[data] not checked: {', '.join(left_open)} left open (the plan and the estimate need only the recipe)")
+    else:
+        check_data(cfg, build=True)
     params, flops = get_task(cfg.task).stats(cfg)
-    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)).rstrip())
     print(f"[plan] {model_name(cfg)}: {human(params)} parameters, {human(3 * flops)} FLOPs per token (fwd+bwd) | "
           f"{memory_backend(cfg)} | {plan.describe()}")
     from titans_scale.submit import estimate_line
@@ -96,8 +99,10 @@ def spawn_workers(argv: list[str], nproc: int) -> int:
         raise KeyboardInterrupt from None
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
-        if len(codes) == 1 and codes <= {USER_ERROR} | {exit_code(s) for s in REQUEUE_SIGNALS + STOP_SIGNALS}:
-            return codes.pop()  # a user error or a signal stop: rank 0 has said why
+        if USER_ERROR in codes:  # a user error: rank 0 has said why (the others may have been stopped meanwhile)
+            return USER_ERROR
+        if len(codes) == 1 and codes <= {exit_code(s) for s in REQUEUE_SIGNALS + STOP_SIGNALS}:
+            return codes.pop()  # a signal stop: rank 0 has said why
         rank, failure = min(e.failures.items())
         print(f"error: worker rank {rank} exited with code {failure.exitcode} (its output is above)", file=sys.stderr)
         return 1
@@ -109,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
         return 0
-    from titans_scale.config import ConfigError, resolve
+    if "--version" in argv:
+        from titans_scale import version_text
+
+        print(version_text())
+        return 0
+    from titans_scale.config import ConfigError, config_text, open_keys, resolve
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
@@ -117,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         world_size, external = worker_count(cfg)
         if cfg.dry_run:
             if rank == 0:
-                dry_run(cfg, world_size)
+                print(config_text(cfg), flush=True)
+                dry_run(cfg, world_size, open_keys(argv))
             return 0
         if not external:
             from titans_scale.train.engine import make_plan
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return exit_code(train(cfg)["stopped"])  # 128 + the signal when a job's end stopped the run
     except ConfigError as e:
-        if rank == 0:
+        if rank == 0 and not getattr(e, "reported", False):  # train() reports its own
             print(f"error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR
     except KeyboardInterrupt:

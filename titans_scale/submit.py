@@ -366,16 +366,23 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
         return 0
-    from omegaconf import OmegaConf
+    if "--version" in argv:
+        from titans_scale import version_text
 
-    from titans_scale.config import ConfigError
+        print(version_text())
+        return 0
+    from titans_scale.config import ConfigError, config_text, open_keys
 
     try:
         sub = plan_submission(argv)
+        left_open = open_keys(sub.args) if sub.cfg.dry_run else []
         if sub.cfg.dry_run:  # the plan first: it is worth seeing even before the data is ready
-            print(OmegaConf.to_yaml(OmegaConf.structured(sub.cfg)).rstrip())
+            print(config_text(sub.cfg))
             print("\n".join(plan_lines(sub)), flush=True)
-        check_prepared_data(sub)
+        if left_open:
+            print(f"[data] not checked: {', '.join(left_open)} left open (the plan and the estimate need only the recipe)")
+        else:
+            check_prepared_data(sub)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR

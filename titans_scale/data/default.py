@@ -13,6 +13,10 @@ from .errors import DataError
 from .prepare import META_NAME, prepare
 from .tokenizer import Tokenizer, train_tokenizer
 
+# how prepare's errors name its options when a run prepares the data (config keys, not command flags)
+RUN_OPTIONS = {"seq_len": "data.seq_len", "val_fraction": "data.val_fraction",
+               "no_val": "data.val_fraction=0 with train.eval_batches=0 (no validation)"}
+
 
 def ensure_default_data(cfg: DataConfig, *, progress: bool = True) -> Path:
     """The prepared-shards directory of `cfg`, preparing it first when it does not exist yet: corpus =
@@ -53,7 +57,8 @@ def ensure_default_data(cfg: DataConfig, *, progress: bool = True) -> Path:
             corpus = str(build_sample_corpus(progress=progress))
         tok_path = resolve_tokenizer(cfg)
         tok = Tokenizer(tok_path) if tok_path.exists() else train_tokenizer(corpus, cfg.vocab_size, tok_path, progress=progress)
-        prepare(corpus, tok, cfg.seq_len, data_dir, workers=cfg.prepare_workers, val_fraction=cfg.val_fraction, seed=cfg.split_seed, progress=progress)
+        prepare(corpus, tok, cfg.seq_len, data_dir, workers=cfg.prepare_workers, val_fraction=cfg.val_fraction,
+                seed=cfg.split_seed, progress=progress, option_names=RUN_OPTIONS)
     return data_dir
 
 

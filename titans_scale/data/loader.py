@@ -78,6 +78,13 @@ def check_shards(
     return meta
 
 
+def check_seq_len(meta: dict, cfg: DataConfig, where) -> None:
+    """The shards hold sequences of the config's data.seq_len (a DataError naming both otherwise)."""
+    if meta["seq_len"] != cfg.seq_len:
+        raise DataError(f"data.seq_len={cfg.seq_len} but the shards in {where} hold sequences of {meta['seq_len']}; "
+                        f"set data.seq_len={meta['seq_len']} or re-run prepare with --seq-len {cfg.seq_len}")
+
+
 def _check_split(split_dir: Path, verify: str, missing_ok: bool, share: tuple[int, int]) -> None:
     index_path = split_dir / INDEX_NAME
     try:
@@ -252,8 +259,7 @@ def _build_loader(cfg: DataConfig, split: str, micro_batch: int, dp_rank: int, d
     if cfg.remote:
         fetch_remote_metadata(cfg.remote, data_dir)
     meta = _agreed(lambda: check_shards(data_dir, resolve_tokenizer(cfg), verify=cfg.verify_shards, missing_ok=bool(cfg.remote)))
-    if meta["seq_len"] != cfg.seq_len:
-        raise DataError(f"data.seq_len={cfg.seq_len} but the shards in {cfg.remote or data_dir} hold sequences of {meta['seq_len']}; set data.seq_len={meta['seq_len']} or re-run prepare")
+    check_seq_len(meta, cfg, cfg.remote or data_dir)
     if split not in meta["splits"]:
         raise DataError(f"{cfg.remote or data_dir} has no '{split}' split (prepared with --val-fraction 0?)")
     samples = meta["splits"][split]["sequences"]

@@ -29,6 +29,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from titans_scale import version_text
+
 from .corpus import Document, check_corpus, iter_documents, resolve_corpus
 from .errors import DataError, run_cli
 from .progress import Progress, human
@@ -39,6 +41,7 @@ META_NAME = "titans_data.json"
 FORMAT = "titans_scale.tokens/1"
 COLUMN = "tokens"
 SPLITS = ("train", "val")
+CLI_OPTIONS = {"seq_len": "--seq-len", "val_fraction": "--val-fraction", "no_val": "--val-fraction 0"}
 BATCH_CHARS = 1 << 18  # characters of text per tokenizer task
 
 
@@ -203,10 +206,13 @@ def prepare(
     shard_size: int = 1 << 26,
     overwrite: bool = False,
     progress: bool = True,
+    option_names: dict[str, str] | None = None,
 ) -> dict:
     """Tokenize `corpus` into MDS shards under `out` (train/, val/, titans_data.json); returns the metadata.
 
     max_tokens stops once the train split holds max_tokens // seq_len sequences (a cap for quick runs).
+    option_names: how errors name seq_len, val_fraction and no validation (default: this command's flags;
+    a run's auto-prepare names its config keys).
     """
     out = Path(out)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
@@ -257,7 +263,9 @@ def prepare(
         for name, s in stats.items():
             if s["sequences"] == 0:
                 what = "the corpus" if name == "train" else "the validation split"
-                fix = "use a larger corpus or a smaller --seq-len" + (", a larger --val-fraction or --val-fraction 0" if name == "val" else "")
+                n = option_names or CLI_OPTIONS
+                fix = f"use a larger corpus or a smaller {n['seq_len']}" + (
+                    f", a larger {n['val_fraction']} or {n['no_val']}" if name == "val" else "")
                 raise DataError(f"{what} of {corpus} got {s['documents']} documents, {s['dropped_tokens']} tokens: fewer than one sequence of {seq_len}; {fix}")
         meta = {
             "format": FORMAT,
@@ -332,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=float, default=None, help="stop once the train split holds this many tokens")
     parser.add_argument("--shard-size-mb", type=float, default=64, help="uncompressed shard size (default 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--version", action="version", version=version_text())
     args = parser.parse_args(argv)
     prepare(
         args.corpus if len(args.corpus) > 1 else args.corpus[0],

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 from xml.etree import ElementTree
 
+from titans_scale import version_text
+
 from .config import sample_dir
 from .errors import DataError, run_cli
 from .progress import Progress, human
@@ -274,6 +276,7 @@ def _fineweb_table(rows: list[dict]):
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m titans_scale.data.sample", description="Build the offline sample corpus (FineWeb-style parquet of Wikipedia articles).")
     parser.add_argument("--out", default=None, help="directory (default: $TITANS_DATA_DIR/sample or ./data/sample)")
+    parser.add_argument("--version", action="version", version=version_text())
     args = parser.parse_args(argv)
     print(build_sample_corpus(args.out))
 

@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from titans_scale import version_text
+
 from .errors import DataError, run_cli
 from .files import write_atomic
 from .progress import Progress, human
@@ -255,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="sentencepiece trainer threads (default: all cores, at most 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer file")
+    parser.add_argument("--version", action="version", version=version_text())
     args = parser.parse_args(argv)
     train_tokenizer(args.corpus, args.vocab_size, args.out, max_chars=int(args.max_chars), threads=args.threads, seed=args.seed, overwrite=args.overwrite)
 

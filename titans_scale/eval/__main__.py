@@ -1,7 +1,12 @@
 """``python -m titans_scale.eval <task> --checkpoint run/model.pt ...``: one command per evaluation.
 
 Tasks: perplexity, niah, babilong, harness (lm-eval tasks), lm_eval (lm-eval's own command line with the
+<<<<<<< HEAD
 titans_scale model registered); forecast and classify for the models of task=forecast and task=classify. ``python -m titans_scale.eval <task> --help`` lists a task's options.
+=======
+titans_scale model registered); ``curves RUN_DIR`` draws a run's training curves.
+``python -m titans_scale.eval <task> --help`` lists a task's options.
+>>>>>>> h-hf
 A mistake on the command line or in the inputs ends with one line on stderr and exit code 2.
 """
 
@@ -26,6 +31,7 @@ ALIASES = {"ppl": "perplexity", "s-niah": "niah", "lm-eval": "lm_eval"}
 USAGE = "usage: python -m titans_scale.eval <task> --checkpoint PATH [options]\n\ntasks:\n" + "\n".join(
     f"  {name:<11} {about}" for name, (_, about) in TASKS.items()
 ) + "\n  lm_eval     lm-eval's own command line (lm-eval run --model titans_scale --model_args checkpoint=PATH ...)" \
+    "\n  curves      a run's loss and perplexity curves: python -m titans_scale.eval curves RUN_DIR (curves.png)" \
     "\n\n`python -m titans_scale.eval <task> --help` lists a task's options; docs/eval.md explains them."
 
 
@@ -46,14 +52,23 @@ def main(argv: list[str] | None = None) -> int:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(USAGE)
             return 0
+        if argv[0] == "--version":
+            from titans_scale import version_text
+
+            print(version_text())
+            return 0
         name = ALIASES.get(argv[0], argv[0])
+        if name == "curves":
+            from .curves import main as curves
+
+            return curves(argv[1:])
         if name == "lm_eval":
             task_module("harness")
             from .harness import lm_eval_cli
 
             return lm_eval_cli(argv[1:])
         if name not in TASKS:
-            close = difflib.get_close_matches(name, [*TASKS, "lm_eval"], n=1)
+            close = difflib.get_close_matches(name, [*TASKS, "lm_eval", "curves"], n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             raise EvalError(f"unknown evaluation {argv[0]!r}; {hint}choose one of {', '.join(TASKS)} or lm_eval")
         module = task_module(name)

@@ -23,7 +23,7 @@ import torch
 from titans_scale.data.progress import Progress
 
 from .errors import EvalError
-from .inference import generate_tokens
+from .inference import batch_size_arg, batches_by_length, greedy_continuations
 
 DEFAULT_TEMPLATE = "<context>\n{context}\n</context>\n\nQuestion: {question}\nAnswer:"
 
@@ -148,35 +148,36 @@ def load_records(paths: list[str], tasks: set[str] | None, max_samples: int | No
 # Evaluation
 
 
-@torch.no_grad()
-def generate_answer(model, tokenizer, prompt: str, *, max_new_tokens: int, window: int | None, device) -> tuple[str, int]:
-    """Greedy continuation of ``prompt`` up to a newline, eos or ``max_new_tokens``; (text, prompt tokens)."""
-    ids = tokenizer.encode(prompt)
-    generated: list[int] = []
-    for token in generate_tokens(model, torch.tensor([ids], device=device), max_new_tokens, window=window):
-        t = int(token[0])
-        if t == tokenizer.eos_id:
-            break
-        generated.append(t)
-        if "\n" in tokenizer.decode(generated).lstrip():
-            break
-    return tokenizer.decode(generated), len(ids)
+def answers(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, window: int | None, device) -> list[str]:
+    """Greedy continuations of prompts (token lists, one batch) up to a newline, eos or ``max_new_tokens``."""
+    def stop(tokens: list[int]) -> bool:
+        return tokens[-1] == tokenizer.eos_id or "\n" in tokenizer.decode(tokens).lstrip()
+
+    out = []
+    for tokens in greedy_continuations(model, prompts, max_new_tokens, stop=stop, window=window, device=device):
+        out.append(tokenizer.decode(tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens))
+    return out
 
 
 def evaluate(model, tokenizer, records: list[dict], *, template: str, max_new_tokens: int, window: int | None,
-             device, progress: Progress | None = None) -> list[dict]:
-    """Every record answered and scored (records gain prompt_tokens, prediction and correct)."""
-    started, tokens = time.perf_counter(), 0
-    for i, record in enumerate(records):
-        prompt = template.format(context=record["context"], question=record["question"])
-        prediction, n = generate_answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens, window=window, device=device)
-        tokens += n
-        record.update(prompt_tokens=n, prediction=prediction,
-                      correct=is_correct(prediction, record["target"], record["question"], record["task"]))
+             device, batch_size: int | None = None, progress: Progress | None = None) -> list[dict]:
+    """Every record answered and scored (records gain prompt_tokens, prediction and correct); prompts of
+    similar length are answered together (``batch_size`` None: as many as keep a call at 8192 tokens)."""
+    prompts = [tokenizer.encode(template.format(context=r["context"], question=r["question"])) for r in records]
+    started, tokens, done = time.perf_counter(), 0, 0
+    for batch in batches_by_length(prompts, len, batch_size, window):
+        predictions = answers(model, tokenizer, [prompts[i] for i in batch], max_new_tokens=max_new_tokens,
+                              window=window, device=device)
+        for i, prediction in zip(batch, predictions):
+            record = records[i]
+            record.update(prompt_tokens=len(prompts[i]), prediction=prediction,
+                          correct=is_correct(prediction, record["target"], record["question"], record["task"]))
+            tokens += len(prompts[i])
+        done += len(batch)
         if progress is not None:
             elapsed = time.perf_counter() - started
-            progress.update(f"{i + 1}/{len(records)} ({record['task']} {record['length']}) | "
-                            f"{tokens / max(elapsed, 1e-9):.0f} prompt tok/s | ETA {elapsed / (i + 1) * (len(records) - i - 1):.0f}s")
+            progress.update(f"{done}/{len(records)} | {tokens / max(elapsed, 1e-9):.0f} prompt tok/s | "
+                            f"ETA {elapsed / done * (len(records) - done):.0f}s")
     return records
 
 
@@ -204,6 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, default=None, help="at most this many records per task and length")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (tokens)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt with {context} and {question}")
+    parser.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="N|auto",
+                        help="questions answered together, shortest prompts first (default auto: as many as keep "
+                             "a call at 8192 tokens)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -219,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     loaded = open_model(args)
     out = results_dir(args, loaded)
     evaluate(loaded.model, loaded.tokenizer, records, template=args.template, max_new_tokens=args.max_new_tokens,
-             window=loaded.window, device=loaded.device, progress=Progress("babilong"))
+             window=loaded.window, device=loaded.device, batch_size=args.batch_size, progress=Progress("babilong"))
     task_names, lengths, grid = accuracy_grid(records)
     by_length = [_mean([row[j] for row in grid]) for j in range(len(lengths))]
     summary = {f"{t}/{n}": a for t, row in zip(task_names, grid) for n, a in zip(lengths, row) if a is not None}

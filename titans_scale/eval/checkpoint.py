@@ -1,7 +1,7 @@
 """The one place evaluation and generation open a trained model: ``model.pt`` and its tokenizer.
 
 ``model.pt`` is the consolidated file a finished run writes (``{"format", "config", "state_dict"}``, see
-``titans_scale.train.checkpoint``). Reading it is the engine's ``load_model``; this module adds what a user
+``titans_scale.train.checkpoint``); a Hugging Face export (``python -m titans_scale.export``) opens alike. Reading it is the engine's ``load_model``; this module adds what a user
 needs when something does not fit: one line naming the file, what is wrong and the fix. The tokenizer is
 the one given, else the one the run's recipe names (found through the run's checkpoint metadata).
 """
@@ -44,8 +44,12 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 def model_path(checkpoint: str | os.PathLike) -> Path:
     """The model file of a path that names it or its run directory; a one-line error if there is none."""
+    from titans_scale.hf.layout import is_export
+
     path = Path(checkpoint)
     if path.is_dir():
+        if is_export(path):
+            return path
         if (path / MODEL_FILE).is_file():
             return path / MODEL_FILE
         if (path / "meta.json").is_file() or (path / "checkpoints").is_dir():
@@ -68,6 +72,11 @@ def load_checkpoint(checkpoint: str | os.PathLike, device: str | torch.device | 
     path = model_path(checkpoint)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    if path.is_dir():  # a Hugging Face export
+        from titans_scale.hf.layout import from_pretrained
+
+        model = from_pretrained(path)
+        return model.to(device=device, dtype=dtype), model.cfg
     try:
         model, cfg = load_model(path)
     except ConfigError as err:
@@ -159,6 +168,8 @@ def run_tokenizer(model_file: Path) -> Path:
     from titans_scale.data.config import DataConfig, resolve_tokenizer
     from titans_scale.train.checkpoint import find_checkpoint, read_meta
 
+    if model_file.is_dir():  # a Hugging Face export carries its tokenizer
+        return model_file / "tokenizer.model"
     run_dir = model_file.parent
     found = find_checkpoint(run_dir / "checkpoints")
     if found is None:

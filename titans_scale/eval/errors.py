@@ -14,7 +14,14 @@ class EvalError(ValueError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad command line reported as one line (the problem and where to look) and exit 2."""
+    """argparse, with a bad command line reported as one line (the problem and where to look) and exit 2,
+    and ``--version``."""
+
+    def __init__(self, *args, **kwargs):
+        from titans_scale import version_text
+
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=version_text())
 
     def error(self, message: str) -> NoReturn:
         raise EvalError(f"{self.prog}: {message} (see --help)")

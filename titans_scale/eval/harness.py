@@ -196,6 +196,20 @@ def task_manager(tasks: list[str], include_path: list[str] | None, default_tasks
     return manager
 
 
+def hub_unreachable(err: BaseException) -> str | None:
+    """The first line of the error behind ``err`` when a dataset could not be fetched from the Hugging Face hub
+    (offline mode, no network, a dataset the hub does not have), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        module = type(err).__module__.split(".")[0]
+        if isinstance(err, ConnectionError) or module in ("huggingface_hub", "requests", "urllib3") or \
+                type(err).__name__ in ("DatasetNotFoundError", "DataFilesNotFoundError"):
+            return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _known(manager, task: str) -> bool:
     return task in manager.all_tasks or bool(manager.match_tasks([task])) or Path(task).is_file()
 
@@ -232,10 +246,18 @@ def run(args: argparse.Namespace) -> dict:
                          prefix_eos=args.prefix_eos)
     out = output_dir(args.out, lm.checkpoint)
     started = time.perf_counter()
-    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
-                              limit=args.limit, log_samples=args.log_samples, random_seed=args.seed,
-                              numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                              fewshot_random_seed=args.seed, bootstrap_iters=args.bootstrap_iters)
+    try:
+        results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot,
+                                  limit=args.limit, log_samples=args.log_samples, random_seed=args.seed,
+                                  numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                                  fewshot_random_seed=args.seed, bootstrap_iters=args.bootstrap_iters)
+    except Exception as err:
+        reason = hub_unreachable(err)
+        if reason is None:
+            raise
+        raise EvalError(f"lm-eval task(s) {', '.join(tasks)} need their datasets from the Hugging Face hub, which "
+                        f"cannot be reached ({reason}); run once where it can (the datasets cache then serves them "
+                        f"offline), or give local tasks with --include-path DIR (docs/eval.md)") from None
     seconds = time.perf_counter() - started
     print(make_table(results))
     record = {"task": "harness", "checkpoint": str(lm.checkpoint), "tasks": tasks, "seconds": round(seconds, 3),

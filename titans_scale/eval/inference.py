@@ -18,6 +18,46 @@ from titans_scale.models import sample_next, token_cross_entropy
 from .errors import EvalError
 
 DEFAULT_WINDOW = 2048
+# What ``--batch-size auto`` fills per model call: batch x tokens of the call (the longest row, at most the
+# window). The logits then take 8192 x V floats (1 GiB at a 32K vocabulary in float32), and a sequence's
+# memory state ~0.25 GiB at the 760M shape: about 1-2 GiB on top of the weights.
+TOKENS_PER_CALL = 8192
+
+
+def auto_batch_size(length: int, window: int | None) -> int:
+    """Rows per call for ``--batch-size auto``: as many as keep a call at TOKENS_PER_CALL tokens."""
+    width = min(length, window) if window else length
+    return max(1, TOKENS_PER_CALL // max(width, 1))
+
+
+def batch_size_arg(text: str) -> int | None:
+    """``--batch-size`` on the command line: a count >= 1, or ``auto`` (None)."""
+    import argparse
+
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a count >= 1 or auto")
+    return value
+
+
+def batches_by_length(items: list, length, batch_size: int | None, window: int | None) -> Iterator[list[int]]:
+    """Indices of ``items`` in batches of similar length (shortest first): ``batch_size`` rows each, or with
+    ``batch_size`` None (auto) as many as keep a call at TOKENS_PER_CALL tokens."""
+    order = sorted(range(len(items)), key=lambda i: length(items[i]))
+    batch: list[int] = []
+    for i in order:
+        rows = batch_size or auto_batch_size(length(items[i]), window)  # the longest so far: sorted
+        if batch and len(batch) >= rows:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def window_slices(n: int, window: int | None) -> list[slice]:
@@ -86,6 +126,39 @@ def generate_tokens(
         if step + 1 < max_new_tokens:
             logits, state = model(token, state)
             logits = logits[:, -1]
+
+
+@torch.no_grad()
+def greedy_continuations(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, *, stop=None,
+                         window: int | None = DEFAULT_WINDOW, device: torch.device | str = "cpu") -> list[list[int]]:
+    """The greedy continuation of every prompt (token lists of any lengths), batched without padding: the
+    tokens all prompts share in count are read at once (in windows), then every row takes one token per
+    call, the next of its prompt while it lasts, else its own greedy choice; each row reads exactly its
+    own tokens, as alone. A row ends after ``max_new_tokens`` or once ``stop(tokens)`` is true."""
+    if not prompts or min(map(len, prompts)) == 0:
+        raise EvalError("every prompt needs at least one token")
+    shared = min(map(len, prompts))
+    logits, state = read(model, torch.tensor([p[:shared] for p in prompts], dtype=torch.long, device=device), window)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [max_new_tokens == 0] * len(prompts)
+    position = shared
+    while not all(done):
+        choice = logits.argmax(-1).tolist()
+        step = []
+        for i, prompt in enumerate(prompts):
+            if position < len(prompt):
+                step.append(prompt[position])
+                continue
+            if not done[i]:
+                out[i].append(choice[i])
+                done[i] = len(out[i]) >= max_new_tokens or bool(stop and stop(out[i]))
+            step.append(out[i][-1])  # a finished row keeps reading its last token (its result is fixed)
+        position += 1
+        if all(done):
+            break
+        logits, state = model(torch.tensor(step, dtype=torch.long, device=device)[:, None], state)
+        logits = logits[:, -1]
+    return out
 
 
 class IncrementalDecoder:

@@ -24,7 +24,7 @@ import torch
 from titans_scale.data.progress import Progress
 
 from .errors import EvalError
-from .inference import generate_tokens
+from .inference import auto_batch_size, batch_size_arg, generate_tokens
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 
@@ -188,7 +188,7 @@ def answer_batch(model, tokenizer, samples: list[Sample], *, window: int | None,
 
 
 def evaluate(model, tokenizer, generator: NeedleGenerator, *, needles: list[str], lengths: list[int],
-             depths: list[float], samples: int, batch_size: int, window: int | None, device,
+             depths: list[float], samples: int, batch_size: int | None, window: int | None, device,
              progress: Progress | None = None) -> tuple[dict, list[dict]]:
     """Accuracy[needle][length][depth] over ``samples`` prompts per cell, and every sample's record."""
     accuracy: dict[str, dict[int, dict[float, float]]] = {}
@@ -201,8 +201,9 @@ def evaluate(model, tokenizer, generator: NeedleGenerator, *, needles: list[str]
             for depth in depths:
                 batch = [generator.sample(needle, length, depth, i) for i in range(samples)]
                 predictions = []
-                for start in range(0, len(batch), batch_size):
-                    predictions += answer_batch(model, tokenizer, batch[start : start + batch_size], window=window, device=device)
+                rows = batch_size or auto_batch_size(len(batch[0].tokens), window)  # prompts of one length
+                for start in range(0, len(batch), rows):
+                    predictions += answer_batch(model, tokenizer, batch[start : start + rows], window=window, device=device)
                 correct = [exact_match(p, s.answer) for p, s in zip(predictions, batch)]
                 accuracy[needle][length][depth] = sum(correct) / len(correct)
                 records += [{k: v for k, v in asdict(s).items() if k != "tokens"} | {"prediction": p, "correct": c}
@@ -233,7 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--haystack", default="noise",
                         help="'noise' (RULER's repeated sentences) or a corpus: .txt/.jsonl/.parquet file, directory or glob")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass")
+    parser.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="N|auto",
+                        help="prompts per forward pass (default auto: as many as keep a call at 8192 tokens)")
 
 
 def parse_settings(args: argparse.Namespace) -> tuple[list[str], list[int], list[float]]:
@@ -250,8 +252,8 @@ def parse_settings(args: argparse.Namespace) -> tuple[list[str], list[int], list
         raise EvalError(f"--depths {args.depths!r} must be comma-separated percentages, e.g. 0,25,50,75,100") from None
     if not depths or any(not 0 <= d <= 100 for d in depths):
         raise EvalError(f"--depths {args.depths!r} must be percentages in [0, 100]")
-    if args.samples < 1 or args.batch_size < 1:
-        raise EvalError("--samples and --batch-size must be >= 1")
+    if args.samples < 1:
+        raise EvalError("--samples must be >= 1")
     return needles, lengths, depths
 
 

@@ -29,7 +29,7 @@ import torch
 from titans_scale.data.progress import Progress, human
 
 from .errors import EvalError
-from .inference import token_logprobs
+from .inference import auto_batch_size, batch_size_arg, token_logprobs
 
 META_NAME = "titans_data.json"
 
@@ -73,14 +73,15 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def evaluate_sequences(model, sequences: Iterable[list[int]], *, batch_size: int = 1, window: int | None = None,
+def evaluate_sequences(model, sequences: Iterable[list[int]], *, batch_size: int | None = None, window: int | None = None,
                        pad_id: int = 0, max_tokens: int | None = None, progress: Progress | None = None,
                        device: torch.device | str = "cpu") -> PerplexityResult:
     """Mean next-token loss over ``sequences`` (lists of ids, >= 2 each), batched with right padding (causal
-    models: padding after a token cannot change its prediction), each read in windows with carried state."""
+    models: padding after a token cannot change its prediction), each read in windows with carried state;
+    ``batch_size`` None: as many sequences as keep a model call at TOKENS_PER_CALL tokens."""
     result = PerplexityResult()
     started = time.perf_counter()
-    for batch in _batches(sequences, batch_size, max_tokens):
+    for batch in _batches(sequences, batch_size, max_tokens, window):
         width = max(map(len, batch))
         tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
         for i, seq in enumerate(batch):
@@ -96,8 +97,10 @@ def evaluate_sequences(model, sequences: Iterable[list[int]], *, batch_size: int
     return result
 
 
-def _batches(sequences: Iterable[list[int]], batch_size: int, max_tokens: int | None) -> Iterator[list[list[int]]]:
-    """Groups of up to batch_size sequences, the last cut so that at most max_tokens tokens are predicted."""
+def _batches(sequences: Iterable[list[int]], batch_size: int | None, max_tokens: int | None,
+             window: int | None = None) -> Iterator[list[list[int]]]:
+    """Groups of up to batch_size sequences (None: as many as keep a model call at TOKENS_PER_CALL tokens),
+    the last cut so that at most max_tokens tokens are predicted."""
     batch, budget = [], max_tokens
     for seq in sequences:
         if budget is not None:
@@ -105,8 +108,12 @@ def _batches(sequences: Iterable[list[int]], batch_size: int, max_tokens: int | 
                 break
             seq = seq[: budget + 1]
             budget -= len(seq) - 1
-        if len(seq) >= 2:
-            batch.append(seq)
+        if len(seq) < 2:
+            continue
+        if batch and batch_size is None and len(batch) + 1 > auto_batch_size(max(len(seq), *map(len, batch)) - 1, window):
+            yield batch
+            batch = []
+        batch.append(seq)
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -179,7 +186,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=0,
                         help="tokens per sequence (default: the shards' seq_len; for files, one sequence per document)")
     parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many predicted tokens")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass")
+    parser.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="N|auto",
+                        help="sequences per forward pass (default auto: as many as keep a call at 8192 tokens)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -190,8 +198,8 @@ def run(args: argparse.Namespace) -> dict:
     model_path(args.checkpoint)  # the first thing to be wrong is the first reported
     if args.context and args.context < 2:
         raise EvalError(f"--context {args.context} must be >= 2 (a token and the one it predicts), or 0 for the default")
-    if args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 1):
-        raise EvalError("--batch-size and --max-tokens must be >= 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise EvalError("--max-tokens must be >= 1")
     if not is_shards(args.data) and not Path(args.data).exists() and not any(c in args.data for c in "*?["):
         raise EvalError(f"--data {args.data} does not exist; give prepared shards or a .txt/.jsonl/.parquet file, directory or glob")
     loaded = open_model(args)

@@ -65,14 +65,15 @@ def accuracy_heatmap(path: Path, cells: Sequence[Sequence[float | None]], rows: 
     return save_figure(fig, path)
 
 
-def new_figure(width: float, height: float):
-    """A matplotlib figure and axes drawn by the Agg backend (no display, no global pyplot state)."""
+def new_figure(width: float, height: float, ncols: int = 1):
+    """A matplotlib figure and its axes (``ncols`` side by side: a tuple) drawn by the Agg backend (no display,
+    no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
+    return fig, (fig.add_subplot() if ncols == 1 else tuple(fig.subplots(1, ncols)))
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -17,21 +17,34 @@ class LanguageModelling(Task):
 
     def check(self, cfg, build: bool) -> None:
         """Builds the bundled sample data (or the generated genome) when it is the default and missing
-        (``build``), then checks that the shards were made with the recipe's tokenizer and that the
-        model's vocabulary holds the tokenizer's."""
+        (``build``), then checks that the shards were made with the recipe's tokenizer, vocabulary
+        (data.vocab_size) and sequence length, and that the model's vocabulary holds the tokenizer's."""
         from titans_scale import data
         from titans_scale.data.config import resolve_data_dir, resolve_tokenizer
+        from titans_scale.data.loader import check_seq_len
 
         try:
             if build:
                 data.ensure_default_data(cfg.data)
             tokenizer = data.Tokenizer(resolve_tokenizer(cfg.data))
             if not cfg.data.remote:  # remote shards are checked by the loader once their metadata is fetched
-                data.check_shards(resolve_data_dir(cfg.data), tokenizer, verify="none")
+                data_dir = resolve_data_dir(cfg.data)
+                meta = data.check_shards(data_dir, tokenizer, verify="none")
+                check_seq_len(meta, cfg.data, data_dir)
         except ConfigError:
             raise
         except (ValueError, OSError) as e:
             raise ConfigError(str(e).splitlines()[0]) from None
+        if cfg.train.eval_batches and not cfg.data.remote and "val" not in meta["splits"]:
+            how = ("were auto-prepared with data.val_fraction=0" if not cfg.data.data_dir
+                   else "were prepared with --val-fraction 0")
+            raise ConfigError(f"the shards in {data_dir} have no validation split (they {how}); train without validation "
+                              f"with train.eval_batches=0, or use shards with one")
+        if tokenizer.vocab_size != cfg.data.vocab_size:
+            where = f"the shards in {resolve_data_dir(cfg.data)} were" if not cfg.data.remote else "the data is"
+            raise ConfigError(f"{where} made with a {tokenizer.vocab_size}-token tokenizer ({tokenizer.path}) but the recipe's "
+                              f"vocabulary is data.vocab_size={cfg.data.vocab_size}; set data.vocab_size={tokenizer.vocab_size} "
+                              f"(and model.vocab_size where the recipe fixes it), or use data of a {cfg.data.vocab_size}-token tokenizer")
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"{tokenizer.vocab_size} tokens; set model.vocab_size={tokenizer.vocab_size}")
@@ -45,7 +58,8 @@ class LanguageModelling(Task):
         from titans_scale import data
 
         args = dict(micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size)
-        return data.build_train_loader(cfg.data, seed=seed, **args), data.build_val_loader(cfg.data, **args)
+        val = data.build_val_loader(cfg.data, **args) if cfg.train.eval_batches else None
+        return data.build_train_loader(cfg.data, seed=seed, **args), val
 
     def on_device(self, batch, device: torch.device) -> tuple:
         return (batch.to(device, torch.long, non_blocking=True),)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,13 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
-from titans_scale.config import ConfigError, RunConfig, to_dict
+from titans_scale.config import ConfigError, RunConfig, config_text, to_dict
 from titans_scale.parallel import parallelize, validate_parallel
 
 from .checkpoint import Checkpointer, atomic_write, check_resumable, export_model, find_checkpoint, resolve_resume
 from .distributed import gradient_group
 from .metrics import RunLog, default_peak_flops, human, say
+from .profile import step_profiler
 from .requeue import RequeueHandler
 from .schedule import build_scheduler, cosine_with_warmup
 
@@ -232,6 +234,8 @@ class Trainer:
         self.log = RunLog(enabled=world.is_main, run_dir=self.run_dir, start_step=self.step, total_steps=plan.total_steps,
                           flops_per_token=flops_per_token, peak_flops=peak * world.world_size,
                           wandb_cfg=cfg.wandb, config=self.config_dict, metrics=self.task.validation_metrics)
+        self.profiler = step_profiler(cfg.train.profile, self.run_dir, world.rank, plan.total_steps - self.step,
+                                      world.device, self.step)
 
     def train_step(self, batch_iter) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss over micro-batches and ranks."""
@@ -277,6 +281,7 @@ class Trainer:
         self.engine.train()
         while self.step < plan.total_steps:
             loss = self.train_step(batch_iter)
+            self.profiler.step()
             self.step += 1
             self.tokens += plan.tokens_per_step
             lr = cosine_with_warmup(self.step - 1, total_steps=plan.total_steps, warmup_steps=t.warmup_steps,
@@ -313,7 +318,22 @@ class Trainer:
                 say(line)
 
     def close(self) -> None:
+        trace = self.profiler.close()
+        if trace is not None and self.world.is_main:
+            first, last = self.profiler.steps
+            say(f"[profile] steps {first}-{last} traced into {trace} (open it in https://ui.perfetto.dev or "
+                f"chrome://tracing); the slowest operators in {trace.parent / 'ops_rank0.txt'}")
         self.log.close()
+
+
+def draw_curves(run_dir: Path) -> str:
+    """The loss and perplexity curves of the run, drawn beside metrics.jsonl (a line saying where, or why not)."""
+    from titans_scale.eval.curves import plot_curves
+
+    try:
+        return f"[done]  curves in {plot_curves(run_dir)} (redraw: python -m titans_scale.eval curves {run_dir})"
+    except Exception as e:  # a picture is not worth failing a finished run for
+        return f"[done]  curves not drawn ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
 def checked_plan(cfg: RunConfig, world) -> Plan:
@@ -336,6 +356,8 @@ def train(cfg: RunConfig) -> dict:
 
     world = init_distributed(cfg.parallel)
     try:
+        if world.is_main:
+            say(config_text(cfg))
         plan = checked_plan(cfg, world)
         started = time.time()
         with RequeueHandler() as stop:  # before the loaders fork their workers: they inherit the handlers
@@ -355,6 +377,12 @@ def train(cfg: RunConfig) -> dict:
             if result["val_loss"] is not None:
                 summary += f" | {get_task(cfg.task).summary(result['val_loss'])}"
             say(summary)
+            say(draw_curves(Path(cfg.run_dir)))
         return result
+    except ConfigError as e:  # said here, before leaving the groups: a launcher may stop this rank once another exits
+        if world.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        e.reported = True
+        raise
     finally:
         shutdown()
