@@ -1,12 +1,9 @@
 """``python -m titans_scale.eval <task> --checkpoint run/model.pt ...``: one command per evaluation.
 
 Tasks: perplexity, niah, babilong, harness (lm-eval tasks), lm_eval (lm-eval's own command line with the
-<<<<<<< HEAD
-titans_scale model registered); forecast and classify for the models of task=forecast and task=classify. ``python -m titans_scale.eval <task> --help`` lists a task's options.
-=======
-titans_scale model registered); ``curves RUN_DIR`` draws a run's training curves.
-``python -m titans_scale.eval <task> --help`` lists a task's options.
->>>>>>> h-hf
+titans_scale model registered); forecast and classify for the models of task=forecast and task=classify;
+``curves RUN_DIR`` draws a run's training curves. ``python -m titans_scale.eval <task> --help`` lists a
+task's options.
 A mistake on the command line or in the inputs ends with one line on stderr and exit code 2.
 """
 
