@@ -1,6 +1,6 @@
 """``python -m titans_scale.eval <task> --checkpoint run/model.pt ...``: one command per evaluation.
 
-Tasks: perplexity, niah, babilong, harness (lm-eval tasks), lm_eval (lm-eval's own command line with the
+Tasks: perplexity, niah, babilong, harness (lm-eval tasks), recall (the synthetic tasks), lm_eval (lm-eval's own command line with the
 titans_scale model registered). ``python -m titans_scale.eval <task> --help`` lists a task's options.
 A mistake on the command line or in the inputs ends with one line on stderr and exit code 2.
 """
@@ -18,6 +18,7 @@ TASKS = {
     "niah": ("niah", "S-NIAH needle in a haystack: accuracy by context length and needle depth"),
     "babilong": ("babilong", "BABILong questions from local files: accuracy by task and context length"),
     "harness": ("harness", "lm-evaluation-harness tasks (piqa, hellaswag, ...) on the model"),
+    "recall": ("recall", "synthetic long-range tasks (associative recall, pass-key, copy): accuracy by distance"),
 }
 ALIASES = {"ppl": "perplexity", "s-niah": "niah", "lm-eval": "lm_eval"}
 

@@ -81,6 +81,8 @@ def check_data(cfg: RunConfig, *, build: bool) -> None:
     from titans_scale import data
     from titans_scale.data.config import resolve_data_dir, resolve_tokenizer
 
+    if cfg.data.synthetic.task:  # generated: nothing to read (resolve() checked the task against the model)
+        return
     try:
         if build:
             data.ensure_default_data(cfg.data)
@@ -326,7 +328,7 @@ class Trainer:
             if self.world.is_main:
                 say(f"[done]  model written to {path}")
         self.save()
-        if self.world.is_main and self.cfg.train.export and self.cfg.train.sample_tokens:
+        if self.world.is_main and self.cfg.train.export and self.cfg.train.sample_tokens and not self.cfg.data.synthetic.task:
             say(f"[sample] {sample_text(path, self.cfg)!r}")
 
     def close(self) -> None:
