@@ -146,7 +146,9 @@ def crashed_run(tmp_path_factory, shards) -> dict:
     # one thread per worker, like the ranks that resume it (the suite's OMP_NUM_THREADS=2 would oversubscribe)
     crashed = train_launch(args, env={CRASH_ENV: str(2 * K), "OMP_NUM_THREADS": "1"})
     assert crashed.returncode != 0 and "[train]" in crashed.stdout, crashed
-    return {"run_dir": run_dir, "args": args, "metrics": train_metrics(run_dir), "params": train_params(run_dir)}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"run_dir": run_dir, "args": args, "metrics": train_metrics(run_dir), "params": train_params(run_dir),
+            "stdout": crashed.stdout, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -287,6 +289,73 @@ def test_tensor_and_sequence_parallel_training_matches_one_process(layout, shard
         again = train_metrics(resumed)
         assert again["loss"] == {K: b["loss"][K]} and again["val_loss"][K] == b["val_loss"][K]
         assert_same_params(train_params(resumed), mine)
+
+
+def train_grad_norm_job(rank: int, world: int) -> list:
+    """On each of 2 gloo ranks: for every ZeRO stage (fp32), ZeRO-1 under bf16, and ZeRO-1 with tp=2, two steps
+    of 2 accumulated micro-batches of a tiny MAG model; returns (measured total, DeepSpeed's own norm) per
+    step, or for ZeRO-0 (which keeps no norm) the norm of the whole gradients it holds."""
+    from megatron.core import parallel_state
+
+    from titans_scale.config import resolve
+    from titans_scale.models import build_model
+    from titans_scale.parallel import parallelize
+    from titans_scale.train.distributed import init_distributed, megatron_groups
+    from titans_scale.train.engine import Plan, build_engine
+    from titans_scale.train.metrics import GradientNorms
+
+    out = []
+    for stage, tp, precision in ((0, 1, "fp32"), (1, 1, "fp32"), (2, 1, "fp32"), (3, 1, "fp32"), (1, 1, "bf16"), (1, 2, "fp32")):
+        parallel_state.destroy_model_parallel()
+        cfg = resolve(["model.dim=32", "model.n_heads=2", "model.n_layers=2", "model.window=16", "model.persistent_tokens=2",
+                       "model.memory.chunk_size=8", "model.memory.expansion=2", "data.vocab_size=400", f"data.seq_len={SEQ}",
+                       f"train.zero_stage={stage}", f"parallel.tp={tp}", f"train.precision={precision}"])
+        world_info = init_distributed(cfg.parallel, megatron=True)
+        plan = Plan(world, world // tp, SEQ, 2, 2, 2, 0, None)
+        torch.manual_seed(0)
+        model = parallelize(build_model(cfg.model), cfg.parallel)
+        engine = build_engine(model, cfg, plan, world_info.device)
+        groups = megatron_groups()
+        norms = GradientNorms(model, dp_rank=groups.get_data_parallel_rank(), tp_rank=groups.get_tensor_model_parallel_rank())
+        generator = torch.Generator().manual_seed(10 + groups.get_data_parallel_rank())
+        for _ in range(2):
+            for micro in range(2):
+                engine.backward(engine(torch.randint(0, 400, (2, SEQ), generator=generator)))
+                if micro == 1:
+                    mine = norms.measure(world_info.device)
+                    whole = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() if stage == 0 else None
+                engine.step()
+            theirs = whole if stage == 0 else engine.get_global_grad_norm()
+            assert theirs is not None, (stage, tp, precision)
+            out.append((f"zero{stage} tp{tp} {precision}", mine, theirs))
+    return out
+
+
+def test_gradient_norms_count_every_element_once_under_zero_bf16_and_tp():
+    """The total of the per-group gradient norms equals DeepSpeed's own clipping norm under ZeRO 1, 2, 3, the
+    bf16 optimizer and tensor parallelism (the gradients partitioned, sharded or replicated differently), and
+    the norm of the whole gradients under ZeRO 0; each group's share adds up to the total."""
+    from titans_scale.parallel.spawn import spawn
+
+    for label, mine, theirs in spawn(train_grad_norm_job, 2)[0]:
+        assert set(mine) == {"total", "memory", "attention", "mlp", "embed", "other"}, mine
+        assert abs(mine["total"] - theirs) < 1e-5 * theirs, (label, mine, theirs)  # float32 sums in another order
+        assert abs(sum(v * v for g, v in mine.items() if g != "total") - mine["total"] ** 2) < 1e-9 * mine["total"] ** 2
+
+
+def test_progress_line_and_metrics_rows_carry_gradient_norms_memory_and_speed(crashed_run):
+    """Every metrics row of the ZeRO-2 run holds its gradient norm (total and per group), the clipping
+    coefficient, tokens/s and peak memory; the progress line shows them."""
+    rows = [r for r in crashed_run["rows"] if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 2 * K + 1))
+    for row in rows:
+        groups = {k: v for k, v in row.items() if k.startswith("grad_norm/")}
+        assert set(groups) == {f"grad_norm/{g}" for g in ("memory", "attention", "mlp", "embed", "other")}
+        assert abs(sum(v * v for v in groups.values()) - row["grad_norm"] ** 2) < 1e-6 * row["grad_norm"] ** 2
+        assert row["clip_coef"] == min(1.0, 1.0 / row["grad_norm"])  # the tiny recipe's grad_clip 1.0
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and 0.01 < row["peak_memory_gb"] < 100
+    line = next(line for line in crashed_run["stdout"].splitlines() if line.startswith("[train] step 2/"))
+    assert " | grad " in line and "mem " in line and "att " in line and "tok/s" in line and "peak mem " in line, line
 
 
 def test_refuses_a_checkpoint_of_another_model(shards, crashed_run, capsys):

@@ -285,6 +285,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         validate_task_config(cfg.task, cfg.forecast, cfg.classify)
         cfg.model.validate()
         validate_data_config(cfg.data)
+        if cfg.data.synthetic.task:
+            from titans_scale.data.synthetic import attention_spans, check_task
+
+            check_task(cfg.data.synthetic, cfg.data.seq_len, cfg.data.vocab_size, attention_spans(cfg.model))
+            if cfg.model.vocab_size < cfg.data.vocab_size:
+                raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the task's data.vocab_size="
+                                  f"{cfg.data.vocab_size}; set model.vocab_size={cfg.data.vocab_size}")
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg

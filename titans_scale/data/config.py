@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from .errors import DataError
+
+
+@dataclass
+class SyntheticConfig:
+    """A long-range synthetic task generated in place of a text corpus (``synthetic.py``); task "": the corpus."""
+
+    task: str = ""  # recall | passkey | copy; "" = train on text shards
+    items: int = 16  # recall: key-value pairs; passkey: digits; copy: tokens to copy
+    distance: int = 128  # every answer is at least this many tokens after what it recalls
+    val_samples: int = 64  # sequences of the validation split (and of the recall eval by default)
+    seed: int = 0
 
 
 @dataclass
@@ -33,6 +44,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents (by content hash) held out for validation
     split_seed: int = 0  # seed of that document-hash split
     prepare_workers: int = 2  # tokenizer processes of prepare
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # a synthetic task instead of shards
 
 
 def data_root() -> Path:
@@ -96,7 +108,7 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise DataError(f"data.verify_shards={cfg.verify_shards!r} must be 'hash', 'size' or 'none'")
     if cfg.alphabet not in (None, "dna"):
         raise DataError(f"data.alphabet={cfg.alphabet!r} is unknown; use dna (one token per base) or null (sentencepiece)")
-    if cfg.alphabet is None and cfg.vocab_size < 260:
+    if cfg.alphabet is None and cfg.vocab_size < 260 and not cfg.synthetic.task:
         raise DataError(f"data.vocab_size={cfg.vocab_size} must be >= 260 (256 byte pieces + unk/bos/eos + 1)")
     if cfg.num_canonical_nodes is not None and cfg.num_canonical_nodes < 1:
         raise DataError(f"data.num_canonical_nodes={cfg.num_canonical_nodes} must be >= 1 or null")

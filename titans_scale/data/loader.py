@@ -233,13 +233,25 @@ class TokenLoader(streaming.StreamingDataLoader):
 
 # ---------------------------------------------------------------------------------------- builders
 def build_train_loader(cfg: DataConfig, *, micro_batch: int, dp_rank: int, dp_size: int, seed: int | None = None) -> TokenLoader:
-    """The training loader of one dp rank: shuffled with `seed` (cfg.shuffle_seed when None)."""
+    """The training loader of one dp rank: shuffled with `seed` (cfg.shuffle_seed when None); a generated
+    stream when ``cfg.synthetic.task`` is set (``synthetic.SyntheticLoader``, its own seed)."""
+    if cfg.synthetic.task:
+        return _synthetic_loader(cfg, "train", micro_batch, dp_rank, dp_size)
     return _build_loader(cfg, "train", micro_batch, dp_rank, dp_size, shuffle=cfg.shuffle, seed=cfg.shuffle_seed if seed is None else seed)
 
 
 def build_val_loader(cfg: DataConfig, *, micro_batch: int, dp_rank: int, dp_size: int) -> TokenLoader:
     """The validation loader of one dp rank: the val split in order, not shuffled."""
+    if cfg.synthetic.task:
+        return _synthetic_loader(cfg, "val", micro_batch, dp_rank, dp_size)
     return _build_loader(cfg, "val", micro_batch, dp_rank, dp_size, shuffle=False, seed=cfg.shuffle_seed)
+
+
+def _synthetic_loader(cfg: DataConfig, split: str, micro_batch: int, dp_rank: int, dp_size: int):
+    from .synthetic import SyntheticLoader
+
+    return SyntheticLoader(cfg.synthetic, seq_len=cfg.seq_len, vocab=cfg.vocab_size, split=split, micro_batch=micro_batch,
+                           dp_rank=dp_rank, dp_size=dp_size)
 
 
 def _build_loader(cfg: DataConfig, split: str, micro_batch: int, dp_rank: int, dp_size: int, *, shuffle: bool, seed: int) -> TokenLoader:

@@ -9,6 +9,7 @@ result file (and a PNG where a picture helps) into ``eval/`` beside the model fi
     niah         RULER-style single needle in a haystack
     babilong     BABILong questions from local files
     harness      the lm-eval model class ``titans_scale`` (imports lm-eval)
+    recall       the synthetic long-range tasks (associative recall, pass-key, copy) by distance
     results      JSON, tables, heat-maps, wandb
 
 Names load on first use, so ``import titans_scale.eval`` stays light (no lm-eval, no matplotlib).

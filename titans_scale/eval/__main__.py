@@ -1,9 +1,9 @@
 """``python -m titans_scale.eval <task> --checkpoint run/model.pt ...``: one command per evaluation.
 
-Tasks: perplexity, niah, babilong, harness (lm-eval tasks), lm_eval (lm-eval's own command line with the
-titans_scale model registered); forecast and classify for the models of task=forecast and task=classify;
-``curves RUN_DIR`` draws a run's training curves. ``python -m titans_scale.eval <task> --help`` lists a
-task's options.
+Tasks: perplexity, niah, babilong, harness (lm-eval tasks), recall (the synthetic tasks), lm_eval (lm-eval's
+own command line with the titans_scale model registered); forecast and classify for the models of
+task=forecast and task=classify; ``curves RUN_DIR`` draws a run's training curves.
+``python -m titans_scale.eval <task> --help`` lists a task's options.
 A mistake on the command line or in the inputs ends with one line on stderr and exit code 2.
 """
 
@@ -22,6 +22,7 @@ TASKS = {
     "harness": ("harness", "lm-evaluation-harness tasks (piqa, hellaswag, ...) on the model"),
     "forecast": ("forecast", "time-series forecasting model: MSE and MAE per horizon on the test split"),
     "classify": ("classify", "sequence classifier (DNA): accuracy on the test split, per class"),
+    "recall": ("recall", "synthetic long-range tasks (associative recall, pass-key, copy): accuracy by distance"),
 }
 ALIASES = {"ppl": "perplexity", "s-niah": "niah", "lm-eval": "lm_eval"}
 

@@ -19,7 +19,14 @@ class MemoryConfig:
     alpha_bias_init: float = -6.0  # forgetting starts near 0.0025 per token (see design doc)
     eta_bias_init: float = 0.0  # momentum starts mid-range (0.5)
     theta_bias_init: float = 0.0
-    ln_eps: float = 1e-5
+    # The LayerNorm inside a deep memory (docs/memory.md). ln_init: the scale it starts at, "unit_norm" (1/sqrt(d):
+    # its output has unit l2 norm per head, like the l2-normalised q and k it is added to, so that the inner loss
+    # can fall below |LN| and the inner loop stays contractive) or "unit_rms" (1: the paper's / PyTorch's default,
+    # an output of norm sqrt(d) that no target of that size can be fitted by). ln_eps: a floor on the variance of
+    # the MLP's output before the norm, which bounds the norm's gain at 1/sqrt(ln_eps) when forgetting shrinks the
+    # fast weights (1e-5, the usual value, lets that gain, and the outer gradient, grow without bound).
+    ln_init: str = "unit_norm"
+    ln_eps: float = 1e-2
     checkpoint_every: int = 0  # keep the memory state every k chunks, recompute between (0 = off)
     # how the chunk loop runs: eager (PyTorch), compiled (torch.compile of the chunk step; the first call
     # compiles for tens of seconds), cudagraph (compiled, and on a GPU each chunk step is one CUDA graph

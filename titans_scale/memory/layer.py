@@ -67,6 +67,10 @@ def validate_memory(dim: int, heads: int, cfg: MemoryConfig) -> None:
         raise ValueError(f"memory conv_width={cfg.conv_width} must be >= 1")
     if not cfg.theta_max > 0:
         raise ValueError(f"memory theta_max={cfg.theta_max} must be > 0")
+    if cfg.ln_init not in ("unit_norm", "unit_rms"):
+        raise ValueError(f"memory ln_init={cfg.ln_init!r} must be unit_norm or unit_rms")
+    if not cfg.ln_eps > 0:
+        raise ValueError(f"memory ln_eps={cfg.ln_eps} must be > 0")
     if cfg.checkpoint_every < 0:
         raise ValueError(f"memory checkpoint_every={cfg.checkpoint_every} must be >= 0 (0 = off)")
     if cfg.backend not in BACKENDS:
@@ -133,7 +137,7 @@ class NeuralMemory(nn.Module):
         self.shapes = memory_shapes(d, cfg.depth, cfg.expansion)
         self.initial_weights = nn.ParameterList(nn.Parameter(torch.empty(heads, o, i)) for o, i in self.shapes)
         if cfg.depth >= 2:
-            self.ln_weight = nn.Parameter(torch.ones(heads, d))
+            self.ln_weight = nn.Parameter(torch.full((heads, d), self.ln_scale_init))
             self.ln_bias = nn.Parameter(torch.zeros(heads, d))
         self.out_norm_weight = nn.Parameter(torch.ones(d))
         self.to_gate = nn.Linear(dim, inner, bias=False)
@@ -147,7 +151,7 @@ class NeuralMemory(nn.Module):
         self.conv.reset_parameters()
         nn.init.ones_(self.out_norm_weight)
         if self.cfg.depth >= 2:
-            nn.init.ones_(self.ln_weight)
+            nn.init.constant_(self.ln_weight, self.ln_scale_init)
             nn.init.zeros_(self.ln_bias)
         self.reset_memory_parameters()
 
@@ -163,6 +167,11 @@ class NeuralMemory(nn.Module):
                 continue
             nn.init.normal_(proj.weight, std=0.02)
             nn.init.constant_(proj.bias, bias)
+
+    @property
+    def ln_scale_init(self) -> float:
+        """The memory LayerNorm's initial scale: 1/sqrt(d) (unit l2 norm per head) or 1 (``unit_rms``, the paper's)."""
+        return 1.0 if self.cfg.ln_init == "unit_rms" else self.head_dim**-0.5
 
     @property
     def ln(self) -> tuple[Tensor, Tensor] | None:

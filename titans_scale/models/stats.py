@@ -47,8 +47,8 @@ def _layer_params(kind: str, cfg: ModelConfig) -> int:
         "window": _attention_params(cfg) + D,
         "lmm": _memory_params(cfg) + D,
         "mal": _memory_params(cfg) + _attention_params(cfg) + 2 * D,
-        "mag": _attention_params(cfg) + _memory_params(cfg) + 3 * D,  # + the two branch norms
-        "mac": _attention_params(cfg) + _memory_params(cfg) + D + cfg.head_dim,  # + the per-head norm of h
+        "mag": _attention_params(cfg) + _memory_params(cfg) + 2 * D,  # + the memory branch's norm
+        "mac": _attention_params(cfg) + _memory_params(cfg) + 2 * D + cfg.head_dim,  # + the norms of h and of y
     }[kind]
     return mixers + 3 * D * cfg.mlp_width + D
 
@@ -120,3 +120,33 @@ def model_stats(cfg: ModelConfig, seq_len: int) -> tuple[int, float]:
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
     return parameter_count(cfg), forward_flops_per_token(cfg, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module groups, for gradient norms per part of the model
+
+MODULE_GROUPS = ("memory", "attention", "mlp", "embed", "other")
+
+
+def module_groups(model) -> dict[str, str]:
+    """``{parameter name: group}`` with group one of ``MODULE_GROUPS``: the memory branch (the neural memory
+    and the norms around it in MAG and MAC), attention (with the persistent tokens), the SwiGLU MLPs,
+    the token embedding and output head, and the rest (the blocks' pre-norms and the final norm). Found by
+    module type, so it holds for any wrapper around the model (DeepSpeed's, tensor-parallel layers)."""
+    from torch import nn
+
+    from titans_scale.memory import NeuralMemory
+
+    from .attention import Attention
+    from .layers import SwiGLU
+
+    by_type = ((NeuralMemory, "memory"), (Attention, "attention"), (SwiGLU, "mlp"), (nn.Embedding, "embed"))
+    by_name = {"memory_norm": "memory", "retrieved_norm": "memory", "write_norm": "memory", "head": "embed"}
+    owner: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        group = next((g for t, g in by_type if isinstance(module, t)), None) or by_name.get(prefix.rsplit(".", 1)[-1])
+        if group is None:
+            continue
+        for name, _ in module.named_parameters(prefix=prefix, remove_duplicate=False):
+            owner.setdefault(name, group)  # the outermost module that names a group wins
+    return {name: owner.get(name, "other") for name, _ in model.named_parameters()}

@@ -5,7 +5,7 @@ A ``Block`` is a list of mixers, each a residual sub-layer ``x + mixer(RMSNorm(x
     full / window   [Attention]                       Transformer++ / SWA layers
     lmm             [LongTermMemory]                  the memory layer in place of attention
     mal             [LongTermMemory, Attention(SWA)]  memory as a layer, then sliding-window attention
-    mag             [MemoryAsGate]                    SWA and memory branches combined by a gate
+    mag             [MemoryAsGate]                    SWA gated by the (normalised) memory branch
     mac             [MemoryAsContext]                 memory as context for attention inside segments
 
 Every mixer is ``mixer(x, state, position) -> (out, state)``: ``state`` (None at the start) is what it
@@ -51,19 +51,24 @@ class GateState:
 
 
 class MemoryAsGate(nn.Module):
-    """MAG: ``o = RMSNorm(SWA([P | x])) * sigmoid(RMSNorm(M(x)))``; both norms have learned scales."""
+    """MAG: ``o = SWA([P | x]) * sigmoid(RMSNorm(M(x)))``, the memory branch normalised with a learned scale.
+
+    The paper normalises both branches. Normalising the attention output too (our first form) made the
+    mixer's output unit-sized at initialisation, 20x the embeddings, where every other residual branch starts
+    small (its output projection at init_std / sqrt(2 n_layers)): MAG then plateaued (docs/memory.md). The
+    attention branch keeps that scale here; the gate's argument is normalised, so the memory decides it.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.persistent_tokens, cfg.rope_theta, cfg.window)
         self.memory = NeuralMemory(cfg.dim, cfg.n_heads, cfg.memory)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.memory_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: Tensor, state: GateState | None, position: int):
         a, kv = self.attention(x, None if state is None else state.attention, position)
         m, memory = self.memory(x, None if state is None else state.memory)
-        return self.attention_norm(a) * torch.sigmoid(self.memory_norm(m)), GateState(kv, memory)
+        return a * torch.sigmoid(self.memory_norm(m)), GateState(kv, memory)
 
 
 @dataclass
@@ -88,7 +93,11 @@ class MemoryAsContext(nn.Module):
 
         h = RMSNorm(M*(q(S)))                    retrieval, no write; RMSNorm per head, like the memory's output
         y = Attn(queries S, keys [P | h | S])    token j sees P, h_i and S_i for i <= j
-        o = y * sigmoid(M_t(y))                  write y into the memory, gate by the read after the write
+        o = y * sigmoid(M_t(RMSNorm(y)))         write y into the memory, gate by the read after the write
+
+    The memory writes RMSNorm(y) (a learned scale, our choice): like every other memory input it is normalised,
+    so that its values are on the scale its MLP's output starts at, whatever the scale of the attention output
+    (small at initialisation: the output projection starts at init_std / sqrt(2 n_layers)).
 
     One segment's attention input is laid out [P | h | S] with RoPE positions 0 .. N_p + 2L - 1, the same
     for every segment. Segments are processed in turn (the next retrieval needs this segment's writes);
@@ -101,6 +110,7 @@ class MemoryAsContext(nn.Module):
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.persistent_tokens, cfg.rope_theta)
         self.memory = NeuralMemory(cfg.dim, cfg.n_heads, cfg.memory)
         self.retrieved_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.write_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def _rope(self, offsets: Tensor, dtype: torch.dtype):
         return self.attention.rope(self.attention.n_persistent + offsets, dtype)
@@ -129,7 +139,7 @@ class MemoryAsContext(nn.Module):
             retrieved = retrieved.append(*self.attention.keys_values(h, self._rope(m + arange[: stop - start], x.dtype)))
             segment = segment.append(k[:, :, piece], v[:, :, piece])
             y = self.attention.merge(segment_attention(q[:, :, piece], retrieved, segment, prefix))
-            gate, memory = self.memory(y, memory)
+            gate, memory = self.memory(self.write_norm(y), memory)
             outputs.append(y * torch.sigmoid(gate))
             if segment.length == L:  # the segment is complete: the next one reads the memory as it is now
                 segment_memory, retrieved, segment = memory.memory, empty, empty

@@ -23,6 +23,8 @@ class LanguageModelling(Task):
         from titans_scale.data.config import resolve_data_dir, resolve_tokenizer
         from titans_scale.data.loader import check_seq_len
 
+        if cfg.data.synthetic.task:  # generated: nothing to read (resolve() checked the task against the model)
+            return
         try:
             if build:
                 data.ensure_default_data(cfg.data)
@@ -86,7 +88,7 @@ class LanguageModelling(Task):
 
     def finish(self, model_path: Path, cfg) -> str | None:
         """A short continuation of ``train.sample_prompt`` by the exported model (seeded, top-k sampling)."""
-        if not cfg.train.sample_tokens:
+        if not cfg.train.sample_tokens or cfg.data.synthetic.task:
             return None
         from titans_scale import data
         from titans_scale.data.config import resolve_tokenizer

@@ -27,8 +27,8 @@ from titans_scale.config import ConfigError, RunConfig, config_text, to_dict
 from titans_scale.parallel import parallelize, validate_parallel
 
 from .checkpoint import Checkpointer, atomic_write, check_resumable, export_model, find_checkpoint, resolve_resume
-from .distributed import gradient_group
-from .metrics import RunLog, default_peak_flops, human, say
+from .distributed import gradient_group, megatron_groups
+from .metrics import GradientNorms, RunLog, default_peak_flops, human, max_over_ranks, peak_memory, say
 from .profile import step_profiler
 from .requeue import RequeueHandler
 from .schedule import build_scheduler, cosine_with_warmup
@@ -162,8 +162,6 @@ def build_engine(model: nn.Module, cfg: RunConfig, plan: Plan, device: torch.dev
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from .distributed import megatron_groups
-
     ds_logger.setLevel(logging.WARNING)
     t = cfg.train
     groups = parameter_groups(model, t.weight_decay)
@@ -233,17 +231,25 @@ class Trainer:
                 f"{world.device.type} | run_dir {self.run_dir}")
         self.log = RunLog(enabled=world.is_main, run_dir=self.run_dir, start_step=self.step, total_steps=plan.total_steps,
                           flops_per_token=flops_per_token, peak_flops=peak * world.world_size,
-                          wandb_cfg=cfg.wandb, config=self.config_dict, metrics=self.task.validation_metrics)
+                          tokens_per_step=plan.tokens_per_step, wandb_cfg=cfg.wandb, config=self.config_dict,
+                          metrics=self.task.validation_metrics)
         self.profiler = step_profiler(cfg.train.profile, self.run_dir, world.rank, plan.total_steps - self.step,
                                       world.device, self.step)
+        groups = megatron_groups()
+        self.grad_norms = GradientNorms(self.model, dp_rank=groups.get_data_parallel_rank() if groups else world.rank,
+                                        tp_rank=groups.get_tensor_model_parallel_rank() if groups else 0)
+        self.last_grad_norms: dict[str, float] | None = None
 
     def train_step(self, batch_iter) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss over micro-batches and ranks."""
+        """One optimizer step over grad_accum micro-batches; returns the mean loss over micro-batches and ranks.
+        The gradient norms (``last_grad_norms``) are read after the last backward, before the optimizer step."""
         engine = self.engine
         total = torch.zeros((), device=self.world.device)
-        for _ in range(self.plan.grad_accum):
+        for micro in range(self.plan.grad_accum):
             loss = engine(*self.task.on_device(next(batch_iter), self.world.device))
             engine.backward(loss)
+            if micro == self.plan.grad_accum - 1:
+                self.last_grad_norms = self.grad_norms.measure(self.world.device)
             engine.step()
             total += loss.detach().float()
         return mean_over(total / self.plan.grad_accum, self.dp_group)
@@ -280,14 +286,18 @@ class Trainer:
         batch_iter = batches(self.train_loader)
         self.engine.train()
         while self.step < plan.total_steps:
+            started = time.perf_counter()
             loss = self.train_step(batch_iter)
             self.profiler.step()
+            seconds = time.perf_counter() - started
             self.step += 1
             self.tokens += plan.tokens_per_step
             lr = cosine_with_warmup(self.step - 1, total_steps=plan.total_steps, warmup_steps=t.warmup_steps,
                                     lr=t.lr, min_lr=t.min_lr)
             self.log.train_step(self.step, loss, lr, self.tokens,
-                                log=self.step % t.log_every == 0 or self.step == plan.total_steps)
+                                log=self.step % t.log_every == 0 or self.step == plan.total_steps, seconds=seconds,
+                                grad_norms=self.last_grad_norms, grad_clip=t.grad_clip,
+                                peak_bytes=int(max_over_ranks(peak_memory(self.world.device), self.world.device)))
             if due(t.eval_every) and t.eval_batches:
                 self.log.validation(self.step, self.validate())
             if due(t.checkpoint_every):
