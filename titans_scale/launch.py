@@ -133,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR
+    except Exception as e:
+        from titans_scale.train.faults import RUN_FAILED, TrainingError
+
+        if not isinstance(e, TrainingError):
+            raise
+        if rank == 0 or not e.everywhere:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return RUN_FAILED
     except KeyboardInterrupt:
         print("interrupted; resume=auto continues from the last complete checkpoint", file=sys.stderr)
         return 130

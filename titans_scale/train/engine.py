@@ -26,6 +26,7 @@ from titans_scale.parallel import parallelize, validate_parallel
 
 from .checkpoint import Checkpointer, atomic_write, check_resumable, export_model, find_checkpoint, resolve_resume
 from .distributed import gradient_group
+from .faults import TrainingError, any_rank, first_error, non_finite
 from .metrics import RunLog, default_peak_flops, human, say
 from .requeue import RequeueHandler
 from .schedule import build_scheduler, cosine_with_warmup
@@ -225,6 +226,9 @@ class Trainer:
             self.train_loader = data.build_train_loader(cfg.data, seed=cfg.train.seed, **loader_args)
             self.val_loader = data.build_val_loader(cfg.data, **loader_args)
             if plan.resume_from is not None:
+                plan.resume_from = self.checkpointer.verified(plan.resume_from, fall_back=cfg.resume == "auto",
+                                                              say=say if world.is_main else lambda line: None)
+                check_resumable(plan.resume_from, self.config_dict, world.world_size)
                 self.step, self.tokens = self.checkpointer.load(self.engine, plan.resume_from, self.train_loader)
         except data.DataError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
@@ -253,6 +257,16 @@ class Trainer:
             engine.step()
             total += loss.detach().float()
         return mean_over(total / self.plan.grad_accum, self.dp_group)
+
+    def check_finite(self, loss: float) -> None:
+        """Stop every rank at the first step whose loss or gradient is not finite, before anything of it is
+        logged, saved or exported (one all-reduce per step)."""
+        mine = non_finite(loss, self.engine.get_global_grad_norm())
+        if any_rank(mine is not None, self.world.device):
+            what = first_error(mine)
+            raise TrainingError(
+                f"non-finite {what} at step {self.step}: stopped before saving anything of it; "
+                f"{self.checkpointer.previous_note()}; lower train.lr, raise train.warmup_steps or set train.grad_clip")
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -288,6 +302,7 @@ class Trainer:
         while self.step < plan.total_steps:
             loss = self.train_step(batch_iter)
             self.step += 1
+            self.check_finite(loss)
             self.tokens += plan.tokens_per_step
             lr = cosine_with_warmup(self.step - 1, total_steps=plan.total_steps, warmup_steps=t.warmup_steps,
                                     lr=t.lr, min_lr=t.min_lr)
