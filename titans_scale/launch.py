@@ -114,21 +114,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(argv)
         world_size, external = worker_count(cfg)
+        from titans_scale.train.rundir import RunLock, check_run_dir
+
         if cfg.dry_run:
             if rank == 0:
+                check_run_dir(cfg.run_dir)
                 dry_run(cfg, world_size)
             return 0
+        lock = RunLock(cfg.run_dir)
         if not external:
-            from titans_scale.train.engine import make_plan
+            note = lock.acquire()  # the workers inherit it; under torchrun / srun rank 0 takes it in train()
+            if note:
+                print(note, flush=True)
+        try:
+            if not external:
+                from titans_scale.train.engine import make_plan
 
-            make_plan(cfg, world_size)  # batch arithmetic and the checkpoint, before any worker starts
-            memory_backend(cfg)
-            if world_size > 1:
+                make_plan(cfg, world_size)  # batch arithmetic and the checkpoint, before any worker starts
+                memory_backend(cfg)
+            if not external and world_size > 1:
                 return spawn_workers(argv, world_size)
-        from titans_scale.train.engine import train
-        from titans_scale.train.requeue import exit_code
+            from titans_scale.train.engine import train
+            from titans_scale.train.requeue import exit_code
 
-        return exit_code(train(cfg)["stopped"])  # 128 + the signal when a job's end stopped the run
+            return exit_code(train(cfg)["stopped"])  # 128 + the signal when a job's end stopped the run
+        finally:
+            lock.release()
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

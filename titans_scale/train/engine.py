@@ -355,10 +355,15 @@ def sample_text(model_path: Path, cfg: RunConfig) -> str:
     return tokenizer.decode(out.tolist())
 
 
-def checked_plan(cfg: RunConfig, world) -> Plan:
-    """``check_data`` and ``make_plan`` on every rank, rank 0 first (it builds missing sample data)."""
+def checked_plan(cfg: RunConfig, world, lock=None) -> Plan:
+    """``check_data`` and ``make_plan`` on every rank, rank 0 first (it takes the run directory's ``lock``
+    when given, and builds missing sample data)."""
 
     def check(first: bool) -> Plan:
+        if first and lock is not None:
+            note = lock.acquire()
+            if note:
+                say(note)
         check_data(cfg, build=first)
         return make_plan(cfg, world.world_size)
 
@@ -371,9 +376,12 @@ def train(cfg: RunConfig) -> dict:
     stopped the run on (after a checkpoint), or None when it finished."""
     from .distributed import init_distributed, shutdown
 
+    from .rundir import RunLock
+
     world = init_distributed(cfg.parallel)
+    lock = RunLock(cfg.run_dir) if world.is_main and not RunLock.held_for_me() else None  # torchrun, srun
     try:
-        plan = checked_plan(cfg, world)
+        plan = checked_plan(cfg, world, lock)
         started = time.time()
         with RequeueHandler() as stop:  # before the loaders fork their workers: they inherit the handlers
             trainer = Trainer(cfg, plan, world)
@@ -395,4 +403,6 @@ def train(cfg: RunConfig) -> dict:
             say(summary)
         return result
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
