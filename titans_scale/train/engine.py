@@ -222,6 +222,7 @@ class Trainer:
         loader_args = dict(micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size)
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, world.rank, world.world_size)
         self.step, self.tokens = 0, 0
+        self.batch_iter = None
         try:  # every rank sees the same data errors, so every rank stops
             self.train_loader = data.build_train_loader(cfg.data, seed=cfg.train.seed, **loader_args)
             self.val_loader = data.build_val_loader(cfg.data, **loader_args)
@@ -297,7 +298,7 @@ class Trainer:
         if self.step == 0 and t.eval_batches:
             result["first_val_loss"] = self.validate()
             self.log.validation(0, result["first_val_loss"])
-        batch_iter = batches(self.train_loader)
+        self.batch_iter = batch_iter = batches(self.train_loader)
         self.engine.train()
         while self.step < plan.total_steps:
             loss = self.train_step(batch_iter)
@@ -336,6 +337,10 @@ class Trainer:
             say(f"[sample] {sample_text(path, self.cfg)!r}")
 
     def close(self) -> None:
+        """Stop the data loader's worker processes now (after a failure the traceback would keep them, and
+        at exit they would be asked to stop by a SIGTERM they ignore, see data/loader.py), close the log."""
+        if self.batch_iter is not None:
+            self.batch_iter.close()
         self.log.close()
 
 
@@ -378,7 +383,7 @@ def train(cfg: RunConfig) -> dict:
 
     from .rundir import RunLock
 
-    world = init_distributed(cfg.parallel)
+    world = init_distributed(cfg.parallel, timeout_s=cfg.train.collective_timeout_s)
     lock = RunLock(cfg.run_dir) if world.is_main and not RunLock.held_for_me() else None  # torchrun, srun
     try:
         plan = checked_plan(cfg, world, lock)
