@@ -55,6 +55,18 @@ def memory_backend(cfg) -> str:
     return f"memory backend {backend} on {device}" + (f" (not triton: {reason})" if reason else "")
 
 
+def named_tokenizer(cfg) -> None:
+    """A data.tokenizer that does not exist is refused before any worker starts (not trained there)."""
+    from titans_scale.config import ConfigError
+    from titans_scale.data.config import check_named_tokenizer
+    from titans_scale.data.errors import DataError
+
+    try:
+        check_named_tokenizer(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def dry_run(cfg, world_size: int) -> None:
     """Print the resolved recipe and what the run would do; build and check the data."""
     from omegaconf import OmegaConf
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 make_plan(cfg, world_size)  # batch arithmetic and the checkpoint, before any worker starts
                 memory_backend(cfg)
+                named_tokenizer(cfg)
             if not external and world_size > 1:
                 return spawn_workers(argv, world_size, cfg.run_dir)
             from titans_scale.train.engine import train
