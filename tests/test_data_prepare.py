@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -166,7 +167,8 @@ def test_bad_corpus_files_raise_one_clear_error(tmp_path, data_tokenizer_path):
     (tmp_path / "junk.parquet").write_bytes(b"PAR1 this is not parquet")
     assert f"corpus file {tmp_path / 'junk.parquet'} is not a readable parquet file" in data_prepare_error(str(tmp_path / "junk.parquet"), data_tokenizer_path, out)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    assert data_prepare_error(str(tmp_path / "latin1.txt"), data_tokenizer_path, out) == f"corpus file {tmp_path / 'latin1.txt'} is not UTF-8 text"
+    assert data_prepare_error(str(tmp_path / "latin1.txt"), data_tokenizer_path, out) == (
+        f"corpus file {tmp_path / 'latin1.txt'} line 1 is not UTF-8 text (byte 4 of the line: b'\\xe9')")
     (tmp_path / "blank.jsonl").write_text("\n\n")
     assert "holds no documents" in data_prepare_error(str(tmp_path / "blank.jsonl"), data_tokenizer_path, out)
     assert data_prepare_error(str(tmp_path / "nope" / "*.parquet"), data_tokenizer_path, out).startswith("no corpus files match")
@@ -227,3 +229,63 @@ def test_corrupt_shards_and_wrong_tokenizer_raise_one_clear_error(tmp_path, data
     assert check_shards(data_prepared, data_tokenizer_path)["tokenizer"]["sha256"] == Tokenizer(data_tokenizer_path).sha256
     with pytest.raises(DataError, match=r"data.seq_len=16 but the shards in .* hold sequences of 32"):
         build_train_loader(DataConfig(data_dir=str(data_prepared), tokenizer=data_tokenizer_path, seq_len=16), micro_batch=1, dp_rank=0, dp_size=1)
+
+
+# ------------------------------------------------------------------------------------------ crash safety
+def test_encoding_error_names_its_own_line(tmp_path, data_tokenizer_path):
+    """The line of an invalid UTF-8 byte, far past the first read buffer, in plain and gzipped JSON lines."""
+    lines = [json.dumps({"text": f"document {i} " + "word " * 20}).encode() for i in range(600)]  # ~80 KB
+    lines[456] = b'{"text": "caf\xe9"}'
+    for name, write in (("bad.jsonl", Path.write_bytes), ("bad.jsonl.gz", lambda p, b: p.write_bytes(gzip.compress(b)))):
+        write(tmp_path / name, b"\n".join(lines) + b"\n")
+        assert data_prepare_error(str(tmp_path / name), data_tokenizer_path, tmp_path / "out") == (
+            f"corpus file {tmp_path / name} line 457 is not UTF-8 text (byte 14 of the line: b'\\xe9')")
+
+
+def test_an_oversized_document_is_cut_into_bounded_documents(tmp_path, data_tokenizer_path, monkeypatch):
+    """A one-line document longer than MAX_DOCUMENT_CHARS becomes documents of at most that length, cut at
+    whitespace, each routed to train or validation on its own (a single 50 MB line no longer costs gigabytes
+    and then fails with an empty validation split)."""
+    from titans_scale.data import prepare as prepare_module
+    from titans_scale.data.prepare import document_parts
+
+    text = " ".join(data_make_documents(400, seed=3)).replace("\n", " ")
+    parts = list(document_parts(text, 4096))
+    assert "".join(parts) == text and all(len(p) <= 4096 for p in parts) and len(parts) > 10
+    assert all(p[0].isspace() for p in parts[1:])  # cut before whitespace, never inside a word
+    assert list(document_parts("x" * 10_000, 4096)) == ["x" * 4096, "x" * 4096, "x" * 1808]  # no whitespace: hard cut
+    monkeypatch.setattr(prepare_module, "MAX_DOCUMENT_CHARS", 4096)
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    meta = prepare(str(tmp_path / "one.jsonl"), data_tokenizer_path, SEQ, tmp_path / "out", val_fraction=0.2, progress=False)
+    splits = meta["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == len(parts) and splits["val"]["sequences"] > 0
+
+
+def test_a_killed_prepare_leaves_nothing_read_as_complete_and_the_rerun_cleans_up(tmp_path, data_tokenizer_path):
+    """kill -9 in the middle of prepare: the output name does not exist (a loader refuses it in one line), only a
+    hidden temporary folder does; the next prepare removes that folder and writes the same shards as a prepare
+    that was never interrupted."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in data_make_documents(1500, seed=4)))
+    out = tmp_path / "shards"
+    script = (f"from titans_scale.data.prepare import prepare\n"
+              f"prepare({str(corpus)!r}, {data_tokenizer_path!r}, {SEQ}, {str(out)!r}, shard_size=1 << 14, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        while not list(tmp_path.glob(".shards.tmp-*/train/shard.*")) and proc.poll() is None:  # mid-write
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    leftovers = list(tmp_path.glob(".shards.tmp-*"))
+    assert proc.returncode == -9 and not out.exists() and len(leftovers) == 1, (proc.returncode, leftovers)
+    with pytest.raises(DataError, match=f"^{out} has no titans_data.json: it is not a prepared data directory"):
+        check_shards(out, data_tokenizer_path)
+    prepare(str(corpus), data_tokenizer_path, SEQ, out, shard_size=1 << 14, progress=False)
+    assert not list(tmp_path.glob(".shards.*")) and check_shards(out, data_tokenizer_path)
+    clean = tmp_path / "clean"
+    prepare(str(corpus), data_tokenizer_path, SEQ, clean, shard_size=1 << 14, progress=False)
+    for split in ("train", "val"):
+        hashes = [[s["raw_data"]["hashes"] for s in json.loads((d / split / "index.json").read_text())["shards"]]
+                  for d in (out, clean)]
+        assert hashes[0] == hashes[1]

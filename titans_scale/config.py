@@ -67,6 +67,7 @@ class TrainConfig:
     sample_prompt: str = "The"
     export: bool = True  # write the consolidated model.pt at the end
     profile: bool = False  # trace 3 optimizer steps (after 2) with torch's profiler into <run_dir>/profile/
+    collective_timeout_s: float = 1800.0  # a rank waiting this long at a collective stops with one line
 
 
 @dataclass
@@ -273,6 +274,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.beta1={t.beta1} and train.beta2={t.beta2} must be in [0, 1)")
     if t.weight_decay < 0 or t.grad_clip < 0 or t.eps <= 0 or t.peak_flops < 0:
         raise ConfigError("train.weight_decay, train.grad_clip and train.peak_flops must be >= 0, train.eps > 0")
+    if not t.collective_timeout_s > 0:
+        raise ConfigError(f"train.collective_timeout_s={t.collective_timeout_s} must be > 0 (seconds)")
     p = cfg.parallel
     if p.tp < 1 or p.sp < 1 or p.sp_micro_batches < 1:
         raise ConfigError(f"parallel.tp={p.tp}, parallel.sp={p.sp} and parallel.sp_micro_batches={p.sp_micro_batches} "

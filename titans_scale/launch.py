@@ -1,16 +1,19 @@
 """Start a training run: ``python -m titans_scale.launch recipe=NAME [key=value ...]``.
 
-One process by default; ``nproc=N`` starts N workers on this machine (torch's elastic launcher, the engine
-behind torchrun: gloo on CPU, nccl on GPU). Under torchrun, the deepspeed launcher or srun (seen from their
-environment variables) every process is already a worker and trains directly. A mistake in the recipe or
-the command line stops the run before training with one line on stderr and exit code 2.
+One process by default; ``nproc=N`` starts N workers on this machine (``train/workers.py``: gloo on CPU,
+nccl on GPU; they end together and never outlive the launcher). Under torchrun, the deepspeed launcher or srun
+(seen from their environment variables) every process is already a worker and trains directly.
+
+Exit codes: 0 done; 2 a mistake in the recipe or the command line, refused before training in one line; 3 the
+run stopped on a failure it reported in one line (a non-finite loss, a full disk, a damaged checkpoint, a
+collective timeout); 1 a worker died without saying why (the launcher names it); 128 + N stopped on signal N
+after saving a checkpoint (SIGTERM: 143); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import uuid
 
 USAGE = """usage: python -m titans_scale.launch recipe=NAME [key=value ...]
 
@@ -55,6 +58,18 @@ def memory_backend(cfg) -> str:
     return f"memory backend {backend} on {device}" + (f" (not triton: {reason})" if reason else "")
 
 
+def named_tokenizer(cfg) -> None:
+    """A data.tokenizer that does not exist is refused before any worker starts (not trained there)."""
+    from titans_scale.config import ConfigError
+    from titans_scale.data.config import check_named_tokenizer
+    from titans_scale.data.errors import DataError
+
+    try:
+        check_named_tokenizer(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
 def dry_run(cfg, world_size: int, left_open: list[str] = ()) -> None:
     """Print the plan and what the run would cost; check the data (building the bundled sample when it is
     the default), unless the recipe's data is left open: the plan and estimate need only the recipe."""
@@ -75,38 +90,37 @@ def dry_run(cfg, world_size: int, left_open: list[str] = ()) -> None:
     print(estimate_line(cfg, plan))  # GPU-hours at 40% MFU of an H100 (train.peak_flops for another GPU)
 
 
-def spawn_workers(argv: list[str], nproc: int) -> int:
-    """Run ``python -m titans_scale.launch argv`` as ``nproc`` workers under torch's elastic agent."""
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
+def spawn_workers(argv: list[str], nproc: int, run_dir: str) -> int:
+    """Run ``python -m titans_scale.launch argv`` as ``nproc`` local workers (train/workers.py): they end
+    together; a worker that dies without saying why is named here."""
+    from titans_scale.train.faults import RUN_FAILED
     from titans_scale.train.requeue import REQUEUE_SIGNALS, STOP_SIGNALS, exit_code
+    from titans_scale.train.workers import exit_description, run_workers
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1, start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=os.devnull),  # workers write to our stdout; no log dirs in /tmp
-    )
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "titans_scale.launch", *argv)
-    except SignalException:  # Ctrl-C or a scheduler's TERM: the agent has stopped the workers
-        raise KeyboardInterrupt from None
-    except ChildFailedError as e:
-        codes = {failure.exitcode for failure in e.failures.values()}
-        if USER_ERROR in codes:  # a user error: rank 0 has said why (the others may have been stopped meanwhile)
-            return USER_ERROR
-        if len(codes) == 1 and codes <= {exit_code(s) for s in REQUEUE_SIGNALS + STOP_SIGNALS}:
-            return codes.pop()  # a signal stop: rank 0 has said why
-        rank, failure = min(e.failures.items())
-        print(f"error: worker rank {rank} exited with code {failure.exitcode} (its output is above)", file=sys.stderr)
-        return 1
-    return 0
+    reported = {USER_ERROR, RUN_FAILED} | {exit_code(s) for s in REQUEUE_SIGNALS + STOP_SIGNALS}
+    outcome = run_workers(argv, nproc, reported)
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    if outcome.failed_rank is not None and outcome.failed_code not in reported:
+        print(f"error: worker rank {outcome.failed_rank} {exit_description(outcome.failed_code)} (its output, if any, is "
+              f"above); the other workers were stopped; resume=auto continues from the last complete checkpoint in "
+              f"{run_dir}", file=sys.stderr, flush=True)
+    return outcome.code
+
+
+def failure_line(err: Exception, cfg, rank: int) -> str | None:
+    """The one line a run-time failure prints ("" when another rank prints it), None for a bug (traceback)."""
+    from titans_scale.train.faults import DISK_FULL, TrainingError, collective_timeout, write_failure
+
+    if isinstance(err, TrainingError):
+        return str(err) if rank == 0 or not err.everywhere else ""
+    if isinstance(err, OSError) and err.errno in DISK_FULL:
+        return write_failure(err, err.filename or ".")
+    if isinstance(err, RuntimeError) and cfg is not None:
+        return collective_timeout(err, cfg.train.collective_timeout_s, rank)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,30 +135,55 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from titans_scale.config import ConfigError, config_text, open_keys, resolve
 
+    from titans_scale.train.workers import die_with_parent
+
+    die_with_parent()  # a worker of our own launcher: never outlive it
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    cfg = None
     try:
         cfg = resolve(argv)
         world_size, external = worker_count(cfg)
+        from titans_scale.train.rundir import RunLock, check_run_dir
+
         if cfg.dry_run:
             if rank == 0:
                 print(config_text(cfg), flush=True)
+                check_run_dir(cfg.run_dir)
                 dry_run(cfg, world_size, open_keys(argv))
             return 0
+        lock = RunLock(cfg.run_dir)
         if not external:
-            from titans_scale.train.engine import make_plan
+            note = lock.acquire()  # the workers inherit it; under torchrun / srun rank 0 takes it in train()
+            if note:
+                print(note, flush=True)
+        try:
+            if not external:
+                from titans_scale.train.engine import make_plan
 
-            make_plan(cfg, world_size)  # batch arithmetic and the checkpoint, before any worker starts
-            memory_backend(cfg)
-            if world_size > 1:
-                return spawn_workers(argv, world_size)
-        from titans_scale.train.engine import train
-        from titans_scale.train.requeue import exit_code
+                make_plan(cfg, world_size)  # batch arithmetic and the checkpoint, before any worker starts
+                memory_backend(cfg)
+                named_tokenizer(cfg)
+            if not external and world_size > 1:
+                return spawn_workers(argv, world_size, cfg.run_dir)
+            from titans_scale.train.engine import train
+            from titans_scale.train.requeue import exit_code
 
-        return exit_code(train(cfg)["stopped"])  # 128 + the signal when a job's end stopped the run
+            return exit_code(train(cfg)["stopped"])  # 128 + the signal when a job's end stopped the run
+        finally:
+            lock.release()
     except ConfigError as e:
         if rank == 0 and not getattr(e, "reported", False):  # train() reports its own
             print(f"error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR
+    except Exception as e:
+        from titans_scale.train.faults import RUN_FAILED
+
+        line = failure_line(e, cfg, rank)
+        if line is None:
+            raise
+        if line:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        return RUN_FAILED
     except KeyboardInterrupt:
         print("interrupted; resume=auto continues from the last complete checkpoint", file=sys.stderr)
         return 130

@@ -114,5 +114,15 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise DataError(f"data.num_canonical_nodes={cfg.num_canonical_nodes} must be >= 1 or null")
 
 
+def check_named_tokenizer(cfg: DataConfig) -> None:
+    """A tokenizer the config names must exist (only an unnamed one is trained on first use): a typo must not
+    become a new tokenizer. Called before any worker starts and by ensure_default_data."""
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_file():
+        raise DataError(
+            f"data.tokenizer={cfg.tokenizer} does not exist; train one with `python -m titans_scale.data.tokenizer "
+            f"--corpus GLOB --vocab-size N --out {cfg.tokenizer}`, or leave data.tokenizer unset to have one trained on "
+            f"the corpus")
+
+
 def _short_hash(text: str) -> str:
     return hashlib.blake2s(text.encode(), digest_size=8).hexdigest()

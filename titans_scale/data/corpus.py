@@ -139,20 +139,30 @@ def _read_parquet(path: Path) -> Iterator[Document]:
         raise DataError(f"corpus file {path} is not a readable parquet file ({_first_line(err)})") from None
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_bytes(path: Path) -> io.BufferedIOBase:
     try:
-        if path.suffix.lower() == ".gz":
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-        return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
     except OSError as err:
         raise DataError(f"corpus file {path}: cannot read it ({err.strerror})") from None
 
 
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    """UTF-8 text of one line (or file); a DataError naming the line and the byte where it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno += raw.count(b"\n", 0, err.start)
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"corpus file {path} line {lineno} is not UTF-8 text (byte {column} of the line: "
+                        f"{raw[err.start:err.start + 1]!r})") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[Document]:
-    with _open_text(path) as f:
-        lineno = 0
+    """Lines are split on bytes and decoded one by one, so an encoding error names its own line."""
+    with _open_bytes(path) as f:
         try:
-            for lineno, line in enumerate(f, 1):
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, lineno)
                 if not line.strip():
                     continue
                 try:
@@ -166,21 +176,17 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
                     raise DataError(f"corpus file {path} line {lineno}: 'text' is {type(text).__name__}, expected a string")
                 doc_id = obj.get("id")
                 yield Document(text, str(doc_id) if doc_id is not None else f"{path}:{lineno}", str(path))
-        except UnicodeDecodeError:
-            raise DataError(f"corpus file {path} line {lineno + 1} is not UTF-8 text") from None
         except (OSError, EOFError) as err:
             raise DataError(f"corpus file {path}: cannot read it ({_first_line(err)})") from None
 
 
 def _read_text(path: Path) -> Iterator[Document]:
-    with _open_text(path) as f:
+    with _open_bytes(path) as f:
         try:
-            text = f.read()
-        except UnicodeDecodeError:
-            raise DataError(f"corpus file {path} is not UTF-8 text") from None
+            raw = f.read()
         except (OSError, EOFError) as err:
             raise DataError(f"corpus file {path}: cannot read it ({_first_line(err)})") from None
-    yield Document(text, str(path), str(path))
+    yield Document(_decode(raw, path, 1), str(path), str(path))
 
 
 def _read_fasta(path: Path) -> Iterator[Document]:

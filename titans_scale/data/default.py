@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .config import DataConfig, resolve_data_dir, resolve_tokenizer, validate_data_config
+from .config import DataConfig, check_named_tokenizer, resolve_data_dir, resolve_tokenizer, validate_data_config
 from .errors import DataError
 from .prepare import META_NAME, prepare
 from .tokenizer import Tokenizer, train_tokenizer
@@ -21,10 +21,11 @@ RUN_OPTIONS = {"seq_len": "data.seq_len", "val_fraction": "data.val_fraction",
 def ensure_default_data(cfg: DataConfig, *, progress: bool = True) -> Path:
     """The prepared-shards directory of `cfg`, preparing it first when it does not exist yet: corpus =
     cfg.corpus or the bundled sample (the sample only into the automatic directory: a data_dir the user
-    named must exist unless a corpus is given too); tokenizer = the one cfg names if it exists, else one trained here
-    (cfg.vocab_size) and written there. Safe to call from every process of a machine at once (a file lock serializes them);
+    named must exist unless a corpus is given too); tokenizer = the one cfg names (it must exist), else one trained
+    here (cfg.vocab_size) at the automatic path. Safe to call from every process of a machine at once (a file lock serializes them);
     on several machines without a shared file system, call it on each. Remote data is never prepared."""
     validate_data_config(cfg)
+    check_named_tokenizer(cfg)
     data_dir = resolve_data_dir(cfg)
     if cfg.alphabet == "dna" and not cfg.tokenizer:
         from .dna import dna_tokenizer

@@ -5,8 +5,11 @@ Command: python -m titans_scale.data.prepare --corpus GLOB --tokenizer PATH --se
 Each document becomes its tokens plus eos; documents are concatenated in corpus order and cut into
 sequences of exactly seq_len tokens (the tail shorter than seq_len is dropped). A document goes to
 validation when a seeded hash of its text falls below val_fraction, so the split is the same for any
-number of workers and exact duplicates never straddle it. The output is built in a temporary directory
-and renamed into place at the end: a directory with titans_data.json is complete.
+number of workers and exact duplicates never straddle it. A document longer than MAX_DOCUMENT_CHARS is cut
+at whitespace into documents of at most that length. The output is built in a temporary directory
+(.OUT.tmp-HOST-PID, beside OUT) and renamed into place at the end: a directory with titans_data.json is
+complete. A prepare killed before that leaves only its temporary directory, which the next prepare of the
+same output removes.
 
 Only light modules are imported at the top (no torch, no streaming), for workers started by spawn.
 """
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 from collections import deque
@@ -43,6 +49,8 @@ COLUMN = "tokens"
 SPLITS = ("train", "val")
 CLI_OPTIONS = {"seq_len": "--seq-len", "val_fraction": "--val-fraction", "no_val": "--val-fraction 0"}
 BATCH_CHARS = 1 << 18  # characters of text per tokenizer task
+MAX_DOCUMENT_CHARS = 1 << 20  # a longer document is cut (at whitespace) into documents of at most this many
+WHITESPACE = re.compile(r"\s")
 
 
 def in_val_split(text: str, val_fraction: float, seed: int) -> bool:
@@ -146,15 +154,28 @@ class SplitWriter:
         }
 
 
+def document_parts(text: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+    """``text``, or for a document longer than ``limit`` characters, parts of at most ``limit`` cut before a
+    whitespace in the second half of each window (hard at ``limit`` when it has none). Each part is then a
+    document of its own (its own eos and split): the tokenizer's time and memory stay bounded (a 50 MB line
+    would take gigabytes and minutes in one piece)."""
+    while len(text) > limit:
+        cut = max((m.start() for m in WHITESPACE.finditer(text, limit // 2, limit)), default=limit) or limit
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
 def _batches(docs: Iterable[Document]) -> Iterator[list[str]]:
     batch: list[str] = []
     chars = 0
     for doc in docs:
-        batch.append(doc.text)
-        chars += len(doc.text)
-        if chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
+        for text in document_parts(doc.text, MAX_DOCUMENT_CHARS):
+            batch.append(text)
+            chars += len(text)
+            if chars >= BATCH_CHARS:
+                yield batch
+                batch, chars = [], 0
     if batch:
         yield batch
 
@@ -235,7 +256,10 @@ def prepare(
 
     dtype = token_dtype(tok.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    for stale in remove_stale_temporaries(out):
+        if progress:
+            print(f"prepare: removed {stale}, left by an interrupted prepare", file=sys.stderr)
+    tmp = _temporary(out, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     limit = max_tokens // seq_len if max_tokens is not None else None
     tokenizers = Tokenizers(workers, tok, val_fraction, seed)
@@ -297,11 +321,42 @@ def prepare(
     return meta
 
 
+def _temporary(out: Path, kind: str) -> Path:
+    """Where this process builds ``out`` (kind "tmp") or moves an old one aside ("old"): beside it, hidden,
+    named after this host and PID so that a later prepare can tell a killed one's leftovers."""
+    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the folders that prepares of ``out`` killed on this host left behind (their PID is gone);
+    a prepare still running, or one on another host, keeps its own. Returns what was removed."""
+    removed = []
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+            host, _, pid = path.name[len(prefix):].rpartition("-")
+            if not pid.isdigit() or (host and host != socket.gethostname()) or _alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Rename the finished directory into place; an old one is moved aside first, then removed."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = _temporary(out, "old")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:

@@ -1,7 +1,8 @@
 """The one place evaluation and generation open a trained model: ``model.pt`` and its tokenizer.
 
-``model.pt`` is the consolidated file a finished run writes (``{"format", "config", "state_dict"}``, see
-``titans_scale.train.checkpoint``); a Hugging Face export (``python -m titans_scale.export``) opens alike. Reading it is the engine's ``load_model``; this module adds what a user
+``model.pt`` is the consolidated file a finished run writes (``{"format", "config", "state_dict", "sha256"}``,
+see ``titans_scale.train.checkpoint``); a Hugging Face export (``python -m titans_scale.export``) opens
+alike. Reading it is the engine's ``load_model``; this module adds what a user
 needs when something does not fit: one line naming the file, what is wrong and the fix. The tokenizer is
 the one given, else the one the run's recipe names (found through the run's checkpoint metadata).
 """
@@ -19,7 +20,6 @@ from torch import nn
 from .errors import EvalError
 
 MODEL_FILE = "model.pt"
-FORMAT = "titans_scale.model/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -80,7 +80,7 @@ def load_checkpoint(checkpoint: str | os.PathLike, device: str | torch.device | 
     try:
         model, cfg = load_model(path)
     except ConfigError as err:
-        raise EvalError(f"checkpoint {path}: {err}") from None
+        raise EvalError(str(err) if str(path) in str(err) else f"checkpoint {path}: {err}") from None
     except ValueError as err:  # ModelConfig.validate: a config this code cannot build
         raise EvalError(f"checkpoint {path} holds a model config this version cannot build: {err}") from None
     except Exception:  # not a torch file, not our format, or weights that do not fit the config
@@ -131,13 +131,11 @@ def model_task(checkpoint: str | os.PathLike, expected: str | None = None) -> tu
 def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model`` (a ``TitansLM``) as a model file, atomically: for models built outside a training run."""
     from titans_scale.config import to_dict
+    from titans_scale.train.checkpoint import write_model_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": FORMAT, "config": to_dict(model.cfg), "state_dict": state}, tmp)
-    os.replace(tmp, path)
+    write_model_file(path, to_dict(model.cfg), {k: v.detach().cpu() for k, v in model.state_dict().items()})
     return path
 
 

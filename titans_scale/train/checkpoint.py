@@ -6,16 +6,23 @@ Layout of ``<run_dir>/checkpoints``::
     step_00000100/         DeepSpeed's files (module, ZeRO optimizer shards; its scheduler copy is unused), our
                            rank_XXXXX.pt (RNG states, data loader state) and meta.json (written last)
     tmp-step_00000200/     a checkpoint being written; never read, removed by the next save
+    damaged-step_00000300/ a checkpoint whose files no longer match their checksums, set aside by resume=auto
 
 A checkpoint is written under ``tmp-<tag>`` and renamed to ``<tag>`` only when every rank has finished, and
 ``latest`` moves to it only then: a run killed mid-write resumes from the previous complete checkpoint.
+``meta.json``, written last, is the manifest: the size and sha256 of every file (hashed as it is written).
+A load verifies them (each rank hashes its share of the files); a damaged checkpoint is refused in one line,
+or under ``resume=auto`` set aside for the previous complete one. A write that fails (a full disk) removes
+the partial checkpoint on every rank together and keeps the previous one. Non-finite weights are never saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -26,12 +33,16 @@ import torch.distributed as dist
 from titans_scale.config import ConfigError, config_diff, to_dict
 from titans_scale.models.config import ModelConfig
 
+from .faults import TrainingError, any_rank, first_error, weights_are_finite, write_failure
 from .schedule import move_to
 
 LATEST = "latest"
 META = "meta.json"
 TMP = "tmp-"
-CRASH_ENV = "TITANS_SCALE_CRASH_IN_CHECKPOINT"  # tests: die after the first file of this step's checkpoint
+DAMAGED = "damaged-"
+TAG = re.compile(r"step_(\d+)")
+CRASH_ENV = "TITANS_SCALE_CRASH_IN_CHECKPOINT"  # tests: "STEP" or "STEP@RANK": SIGKILL after the first file of
+# that step's checkpoint (on every rank, or on RANK only)
 
 
 def tag_of(step: int) -> str:
@@ -45,11 +56,11 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories under ``root``, oldest first."""
+    """Complete checkpoint directories under ``root`` (a ``step_N`` with its meta.json), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(TMP) and (p / META).is_file()]
-    return sorted(found, key=lambda p: read_meta(p)["step"])
+    found = [p for p in root.iterdir() if TAG.fullmatch(p.name) and p.is_dir() and (p / META).is_file()]
+    return sorted(found, key=lambda p: int(TAG.fullmatch(p.name).group(1)))
 
 
 def find_checkpoint(root: Path) -> Path | None:
@@ -64,7 +75,16 @@ def find_checkpoint(root: Path) -> Path | None:
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / META).read_text())
+    """A checkpoint's meta.json; a ConfigError naming the file when it is missing or garbled."""
+    file = Path(path) / META
+    try:
+        meta = json.loads(file.read_text())
+        if not isinstance(meta, dict) or not {"step", "tokens", "world_size", "config"} <= set(meta):
+            raise ValueError("not a checkpoint manifest")
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+        raise ConfigError(f"checkpoint {path}: {file.name} is unreadable ({reason})") from None
+    return meta
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
@@ -96,8 +116,12 @@ def _lookup(config: dict, dotted: str):
 
 
 def check_resumable(path: Path, config: dict, world_size: int) -> None:
-    """Refuse a checkpoint whose model or layout differs from this run's, naming the fields that differ."""
-    meta = read_meta(path)
+    """Refuse a checkpoint whose model or layout differs from this run's, naming the fields that differ. (A
+    checkpoint whose meta.json is unreadable is left to ``Checkpointer.verified``, which can fall back.)"""
+    try:
+        meta = read_meta(path)
+    except ConfigError:
+        return
     old = {"model": meta["config"]["model"], "world_size": meta["world_size"]}
     new = {"model": config["model"], "world_size": world_size}
     for key in FIXED_ACROSS_RESUME:
@@ -126,6 +150,91 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class HashingWriter:
+    """A binary file that hashes what goes through it (torch.save writes its file front to back). The
+    OSError of a failed write is kept: torch reports it as a RuntimeError without the errno."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.bytes, self.error = file, hashlib.sha256(), 0, None
+
+    def write(self, data) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_file(obj, path: Path, **torch_save_kwargs) -> dict:
+    """``torch.save(obj)`` to ``path``; returns the file's {"bytes", "sha256"}. A failed write raises its
+    OSError (errno intact: a full disk is ENOSPC)."""
+    writer = None
+    try:
+        with open(path, "wb") as f:
+            writer = HashingWriter(f)
+            torch.save(obj, writer, **torch_save_kwargs)
+    except RuntimeError:
+        if writer is not None and writer.error is not None:
+            raise writer.error from None
+        raise
+    return {"bytes": writer.bytes, "sha256": writer.sha256.hexdigest()}
+
+
+def file_digest(path: Path) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            sha.update(block)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+class RecordedWrites:
+    """DeepSpeed's checkpoint writes, redirected while one checkpoint is saved: each file is hashed as it is
+    written, and a failed write (a full disk) is recorded instead of raised, so this rank still reaches
+    DeepSpeed's barriers and every rank learns of the failure together."""
+
+    def __init__(self, engine, tmp: Path):
+        self.engine, self.tmp = engine, tmp
+        self.files: dict[str, dict] = {}
+        self.failure: str | None = None
+        self.checkpoint_engine = engine.checkpoint_engine
+        self.torch_kwargs = {"_use_new_zipfile_serialization": getattr(self.checkpoint_engine, "zipfile_serialization", True)}
+
+    def save(self, state_dict, path) -> None:
+        if self.failure is None:
+            try:
+                self.files[str(Path(path).relative_to(self.tmp))] = save_file(state_dict, Path(path), **self.torch_kwargs)
+            except OSError as err:
+                self.failure = write_failure(err, path)
+
+    def guarded(self, write):
+        def call(*args, **kwargs):
+            if self.failure is None:
+                try:
+                    write(*args, **kwargs)
+                except OSError as err:
+                    self.failure = write_failure(err, self.tmp)
+        return call
+
+    def __enter__(self) -> "RecordedWrites":
+        engine, checkpoint_engine = self.engine, self.checkpoint_engine
+        vars(checkpoint_engine)["makedirs"] = self.guarded(checkpoint_engine.makedirs)
+        vars(checkpoint_engine)["save"] = self.save
+        vars(engine)["_copy_recovery_script"] = self.guarded(engine._copy_recovery_script)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in ("save", "makedirs"):
+            vars(self.checkpoint_engine).pop(name, None)
+        vars(self.engine).pop("_copy_recovery_script", None)
+
+
 class Checkpointer:
     """Saves and restores a run's whole state through DeepSpeed plus one file per rank."""
 
@@ -134,31 +243,63 @@ class Checkpointer:
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
 
     def save(self, engine, *, step: int, tokens: int, train_loader, config: dict) -> Path:
-        """Write the checkpoint of ``step`` (a collective: every rank calls it)."""
+        """Write the checkpoint of ``step`` (a collective: every rank calls it). A TrainingError on every rank
+        when the weights are not finite or a write failed (the partial checkpoint is removed)."""
         tag = tag_of(step)
         final, tmp = self.root / tag, self.root / f"{TMP}{tag}"
         if (final / META).is_file():  # nothing trained since this step's checkpoint was written
             return final
+        if any_rank(not weights_are_finite(engine.module), engine.device):
+            raise TrainingError(f"the weights hold non-finite values at step {step}: not saving them; "
+                                f"{self.previous_note()}")
+        failure = None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        if os.environ.get(CRASH_ENV) == str(step):
-            _crash_after_first_file(engine)
-        engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step, "tokens": tokens},
-                               save_latest=False)
-        rank_state = {"rng": rng_state(), "train_loader": train_loader.state_dict()}
-        torch.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            meta = {"step": step, "tokens": tokens, "world_size": self.world_size, "config": config}
-            atomic_write(tmp / META, json.dumps(meta, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            atomic_write(self.root / LATEST, tag)
-            self._prune()
-        dist.barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError as err:
+                failure = write_failure(err, self.root)
+        failure = first_error(failure)
+        if failure is None:
+            with RecordedWrites(engine, tmp) as writes:
+                if os.environ.get(CRASH_ENV) in (str(step), f"{step}@{self.rank}"):
+                    _crash_after_first_file(engine)
+                engine.save_checkpoint(str(self.root), tag=tmp.name, client_state={"step": step, "tokens": tokens},
+                                       save_latest=False)
+                rank_state = {"rng": rng_state(), "train_loader": train_loader.state_dict()}
+                writes.save(rank_state, tmp / f"rank_{self.rank:05d}.pt")
+            records = [None] * self.world_size
+            dist.all_gather_object(records, (writes.files, writes.failure))
+            failure = next((f for _, f in records if f is not None), None)
+            if self.rank == 0 and failure is None:
+                try:
+                    self._publish(tmp, final, step, tokens, config, {k: v for files, _ in records for k, v in files.items()})
+                except OSError as err:
+                    failure = write_failure(err, tmp)
+            if self.rank == 0 and failure is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            failure = first_error(failure)
+        if failure is not None:
+            raise TrainingError(f"{failure}; the checkpoint of step {step} was not written; {self.previous_note()}")
         return final
+
+    def _publish(self, tmp: Path, final: Path, step: int, tokens: int, config: dict, files: dict) -> None:
+        """Rank 0, once every rank wrote its files: the manifest (meta.json), the rename, ``latest``, pruning."""
+        for path in sorted(tmp.rglob("*")):  # files DeepSpeed wrote by itself (its recovery scripts)
+            name = str(path.relative_to(tmp))
+            if path.is_file() and name not in files:
+                files[name] = file_digest(path)
+        meta = {"step": step, "tokens": tokens, "world_size": self.world_size, "config": config, "files": files}
+        atomic_write(tmp / META, json.dumps(meta, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write(self.root / LATEST, final.name)
+        self._prune()
+
+    def previous_note(self) -> str:
+        previous = find_checkpoint(self.root)
+        return (f"the last complete checkpoint, {previous}, is kept (resume=auto continues from it)" if previous
+                else "there is no earlier checkpoint")
 
     def _prune(self) -> None:
         """Keep the newest ``keep_last`` complete checkpoints; drop leftovers of interrupted saves."""
@@ -166,6 +307,51 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
         for path in self.root.glob(f"{TMP}*"):
             shutil.rmtree(path, ignore_errors=True)
+
+    def damage(self, path: Path) -> str | None:
+        """Why the checkpoint at ``path`` cannot be trusted (a missing, truncated or altered file, an unreadable
+        meta.json), or None. A collective: each rank hashes its share of the files."""
+        problem, files = None, {}
+        try:
+            files = read_meta(path).get("files", {})  # checkpoints older than the manifest list no files
+        except ConfigError:
+            problem = f"its {META} is unreadable"
+        for i, (name, want) in enumerate(sorted(files.items())):
+            if problem is not None:
+                break
+            file = Path(path) / name
+            if not file.is_file():
+                problem = f"{name} is missing"
+            elif file.stat().st_size != want["bytes"]:
+                problem = f"{name} has {file.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+            elif i % self.world_size == self.rank and file_digest(file)["sha256"] != want["sha256"]:
+                problem = f"{name} does not match its sha256 in {META} (altered after it was written)"
+        return first_error(problem)
+
+    def verified(self, path: Path, *, fall_back: bool, say) -> Path:
+        """The checkpoint to load: ``path`` if intact; else, with ``fall_back`` (resume=auto), the newest
+        intact earlier one, setting each damaged one aside as ``damaged-<tag>`` and saying so; without it
+        (an explicit resume=PATH), a ConfigError naming the file. A collective."""
+        path = Path(path)
+        while (problem := self.damage(path)) is not None:
+            if not fall_back:
+                raise ConfigError(f"checkpoint {path} is damaged: {problem}; resume=auto falls back to the previous "
+                                  f"complete checkpoint, or pass another resume=PATH")
+            earlier = [p for p in complete_checkpoints(path.parent) if int(TAG.fullmatch(p.name).group(1))
+                       < int(TAG.fullmatch(path.name).group(1))]
+            aside = path.with_name(DAMAGED + path.name)
+            dist.barrier()  # every rank is done reading it
+            if self.rank == 0:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                say(f"[resume] checkpoint {path} is damaged ({problem}): set aside as {aside.name}; "
+                    + (f"falling back to {earlier[-1]}" if earlier else "no earlier checkpoint"))
+            dist.barrier()
+            if not earlier:
+                raise ConfigError(f"checkpoint {path} is damaged ({problem}) and no earlier complete checkpoint is "
+                                  f"left in {path.parent}; resume=never with a fresh run_dir starts over")
+            path = earlier[-1]
+        return path
 
     def load(self, engine, path: Path, train_loader) -> tuple[int, int]:
         """Restore everything from ``path``; returns the (step, tokens) it was taken at. The learning-rate
@@ -184,15 +370,17 @@ class Checkpointer:
 
 
 def _crash_after_first_file(engine) -> None:
-    """Simulate a kill in the middle of a save: exit right after DeepSpeed wrote its first file."""
+    """Simulate a kill -9 in the middle of a save: right after DeepSpeed wrote this rank's first file."""
+    import signal
+
     checkpoint_engine = engine.checkpoint_engine
     save = checkpoint_engine.save
 
     def save_then_die(state_dict, path):
         save(state_dict, path)
-        os._exit(86)
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    checkpoint_engine.save = save_then_die
+    vars(checkpoint_engine)["save"] = save_then_die
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,16 +419,50 @@ def full_state_dict(module: torch.nn.Module) -> dict | None:
     return out
 
 
+MODEL_FORMAT = "titans_scale.model/1"
+
+
+def weights_digest(state_dict: dict) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes, in order: written into model.pt and
+    checked when it is loaded, so altered weights are refused instead of evaluated."""
+    sha = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu().contiguous()
+        sha.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def write_model_file(path: Path, config: dict, state_dict: dict, task: dict | None = None) -> None:
+    """``{format, config, state_dict, sha256}`` (and a task's ``task`` / ``task_config``: a language model has
+    none) written atomically; refuses weights that are not finite."""
+    bad = [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainingError(f"not writing {path}: {len(bad)} weights hold non-finite values ({', '.join(bad[:3])})")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save({"format": MODEL_FORMAT, "config": config, **(task or {}), "state_dict": state_dict,
+                    "sha256": weights_digest(state_dict)}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def export_model(module: torch.nn.Module, model_cfg: ModelConfig, path: Path, task: dict | None = None) -> None:
-    """Write ``model.pt`` = {config, state_dict, and the task's ``task`` / ``task_config`` (a language model
-    has none)} atomically on rank 0 (every rank must call it)."""
+    """Write ``model.pt`` atomically on rank 0 (every rank must call it; a failure stops every rank)."""
     state = full_state_dict(module)
-    if state is None:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    blob = {"format": "titans_scale.model/1", "config": to_dict(model_cfg), **(task or {}), "state_dict": state}
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    failure = None
+    if state is not None:
+        try:
+            write_model_file(path, to_dict(model_cfg), state, task)
+        except TrainingError as err:
+            failure = str(err)
+        except OSError as err:
+            failure = write_failure(err, path)
+    failure = first_error(failure)
+    if failure is not None:
+        raise TrainingError(failure)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -254,6 +476,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if not path.is_file():
         raise ConfigError(f"no model file at {path}; a finished run writes <run_dir>/model.pt")
     blob = torch.load(path, map_location="cpu", weights_only=False)
+    if "sha256" in blob and weights_digest(blob["state_dict"]) != blob["sha256"]:
+        raise ConfigError(f"{path} is damaged: its weights do not match the sha256 written with them; restore a copy, "
+                          f"or write it again from the run's final checkpoint (the same launch command, resume=auto)")
+    bad = [name for name, t in blob["state_dict"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ConfigError(f"{path} holds non-finite weights ({', '.join(bad[:3])}); it cannot be evaluated; use a "
+                          f"model from an earlier checkpoint")
     model, cfg = model_from_blob(blob)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), cfg

@@ -8,9 +8,10 @@ compose with it. A purely data-parallel world uses DeepSpeed's own group of all 
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import math
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from titans_scale.config import ParallelConfig, data_parallel_size
+
+from .workers import free_port  # noqa: F401  (re-exported: the tests' spawn uses it)
 
 
 @dataclass
@@ -71,10 +74,6 @@ def _first_slurm_host(env) -> str:
     return nodelist.split(",")[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def quiet_imports() -> None:
@@ -95,11 +94,12 @@ def skip_shm_op() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
-def init_distributed(parallel: ParallelConfig, megatron: bool | None = None) -> World:
+def init_distributed(parallel: ParallelConfig, megatron: bool | None = None, timeout_s: float | None = None) -> World:
     """Join the process group (gloo on CPU, nccl on GPU) and, when the model is split (tp x sp > 1, or
     ``megatron=True``), build megatron-core's tensor / sequence (context) / data-parallel groups. A purely
     data-parallel world needs none: DeepSpeed's own data-parallel group is then the same (every rank), and
-    not importing megatron-core saves about 5 s per process."""
+    not importing megatron-core saves about 5 s per process. ``timeout_s`` bounds every collective of every
+    group (torch's default, 30 minutes, when None)."""
     env = launcher_env() or {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                              "MASTER_PORT": str(free_port())}
     os.environ.update(env)
@@ -113,13 +113,20 @@ def init_distributed(parallel: ParallelConfig, megatron: bool | None = None) -> 
         skip_shm_op()
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False)
+    timeout = {}
+    if timeout_s is not None:
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)}
+        # groups made later without a timeout (DeepSpeed's copy of the world group, ...) take torch's default
+        c10d = importlib.import_module("torch.distributed.distributed_c10d")
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout["timeout"]
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False, verbose=False, **timeout)
     dp_rank, dp_size = rank, world_size
     if megatron or (megatron is None and parallel.tp * parallel.sp > 1):
         from megatron.core import parallel_state
 
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tp, context_parallel_size=parallel.sp, create_gloo_process_groups=False
+            tensor_model_parallel_size=parallel.tp, context_parallel_size=parallel.sp, create_gloo_process_groups=False,
+            **({} if timeout_s is None else {"distributed_timeout_minutes": max(1, math.ceil(timeout_s / 60))}),
         )
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     return World(rank=rank, local_rank=local_rank, world_size=world_size, dp_rank=dp_rank, dp_size=dp_size,

@@ -28,6 +28,7 @@ from titans_scale.parallel import parallelize, validate_parallel
 
 from .checkpoint import Checkpointer, atomic_write, check_resumable, export_model, find_checkpoint, resolve_resume
 from .distributed import gradient_group, megatron_groups
+from .faults import TrainingError, any_rank, first_error, non_finite
 from .metrics import GradientNorms, RunLog, default_peak_flops, human, max_over_ranks, peak_memory, say
 from .profile import step_profiler
 from .requeue import RequeueHandler
@@ -212,10 +213,14 @@ class Trainer:
         self.dp_group = gradient_group()
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, world.rank, world.world_size)
         self.step, self.tokens = 0, 0
+        self.batch_iter = None
         try:  # every rank sees the same data errors, so every rank stops
             self.train_loader, self.val_loader = self.task.loaders(
                 cfg, micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size, seed=cfg.train.seed)
             if plan.resume_from is not None:
+                plan.resume_from = self.checkpointer.verified(plan.resume_from, fall_back=cfg.resume == "auto",
+                                                              say=say if world.is_main else lambda line: None)
+                check_resumable(plan.resume_from, self.config_dict, world.world_size)
                 self.step, self.tokens = self.checkpointer.load(self.engine, plan.resume_from, self.train_loader)
         except data.DataError as e:
             raise ConfigError(str(e).splitlines()[0]) from None
@@ -254,6 +259,16 @@ class Trainer:
             total += loss.detach().float()
         return mean_over(total / self.plan.grad_accum, self.dp_group)
 
+    def check_finite(self, loss: float) -> None:
+        """Stop every rank at the first step whose loss or gradient is not finite, before anything of it is
+        logged, saved or exported (one all-reduce per step)."""
+        mine = non_finite(loss, self.engine.get_global_grad_norm())
+        if any_rank(mine is not None, self.world.device):
+            what = first_error(mine)
+            raise TrainingError(
+                f"non-finite {what} at step {self.step}: stopped before saving anything of it; "
+                f"{self.checkpointer.previous_note()}; lower train.lr, raise train.warmup_steps or set train.grad_clip")
+
     @torch.no_grad()
     def validate(self) -> float:
         """Mean validation loss over the first eval_batches micro-batches of every data-parallel rank."""
@@ -283,7 +298,7 @@ class Trainer:
         if self.step == 0 and t.eval_batches:
             result["first_val_loss"] = self.validate()
             self.log.validation(0, result["first_val_loss"])
-        batch_iter = batches(self.train_loader)
+        self.batch_iter = batch_iter = batches(self.train_loader)
         self.engine.train()
         while self.step < plan.total_steps:
             started = time.perf_counter()
@@ -291,6 +306,7 @@ class Trainer:
             self.profiler.step()
             seconds = time.perf_counter() - started
             self.step += 1
+            self.check_finite(loss)
             self.tokens += plan.tokens_per_step
             lr = cosine_with_warmup(self.step - 1, total_steps=plan.total_steps, warmup_steps=t.warmup_steps,
                                     lr=t.lr, min_lr=t.min_lr)
@@ -328,6 +344,10 @@ class Trainer:
                 say(line)
 
     def close(self) -> None:
+        """Stop the data loader's worker processes now (after a failure the traceback would keep them, and
+        at exit they would be asked to stop by a SIGTERM they ignore, see data/loader.py), close the log."""
+        if self.batch_iter is not None:
+            self.batch_iter.close()
         trace = self.profiler.close()
         if trace is not None and self.world.is_main:
             first, last = self.profiler.steps
@@ -346,10 +366,15 @@ def draw_curves(run_dir: Path) -> str:
         return f"[done]  curves not drawn ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
-def checked_plan(cfg: RunConfig, world) -> Plan:
-    """``check_data`` and ``make_plan`` on every rank, rank 0 first (it builds missing sample data)."""
+def checked_plan(cfg: RunConfig, world, lock=None) -> Plan:
+    """``check_data`` and ``make_plan`` on every rank, rank 0 first (it takes the run directory's ``lock``
+    when given, and builds missing sample data)."""
 
     def check(first: bool) -> Plan:
+        if first and lock is not None:
+            note = lock.acquire()
+            if note:
+                say(note)
         check_data(cfg, build=first)
         return make_plan(cfg, world.world_size)
 
@@ -364,11 +389,14 @@ def train(cfg: RunConfig) -> dict:
 
     from .distributed import init_distributed, shutdown
 
-    world = init_distributed(cfg.parallel)
+    from .rundir import RunLock
+
+    world = init_distributed(cfg.parallel, timeout_s=cfg.train.collective_timeout_s)
+    lock = RunLock(cfg.run_dir) if world.is_main and not RunLock.held_for_me() else None  # torchrun, srun
     try:
         if world.is_main:
             say(config_text(cfg))
-        plan = checked_plan(cfg, world)
+        plan = checked_plan(cfg, world, lock)
         started = time.time()
         with RequeueHandler() as stop:  # before the loaders fork their workers: they inherit the handlers
             trainer = Trainer(cfg, plan, world)
@@ -395,4 +423,6 @@ def train(cfg: RunConfig) -> dict:
         e.reported = True
         raise
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
