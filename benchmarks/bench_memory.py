@@ -157,7 +157,8 @@ def main() -> None:
     n0 = args.lengths[0]
     for n in args.lengths[1:]:
         extra = "".join(f", every={e} {wall[e, n] / wall[e, n0]:.2f} {args.measure}" for e in args.every)
-        print(f"time ratio t({n})/t({n0}) = {wall[0, n] / wall[0, n0]:.2f} {args.measure}, {cpu[0, n] / cpu[0, n0]:.2f} CPU{extra}  "
+        both = f"{wall[0, n] / wall[0, n0]:.2f} wall, " if args.measure == "wall" else ""
+        print(f"time ratio t({n})/t({n0}) = {both}{cpu[0, n] / cpu[0, n0]:.2f} CPU{extra}  "
               f"(linear: {n / n0:.1f}; goal <= {1.1 * n / n0:.1f})")
 
     n = args.reference_length
