@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +220,8 @@ class Trainer:
         self.model = parallelize(build_model(cfg.model), cfg.parallel)
         self.engine = build_engine(self.model, cfg, plan, world.device)
         self.dp_group = gradient_group()
-        loader_args = dict(micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size)
+        loader_args = dict(micro_batch=cfg.train.micro_batch, dp_rank=world.dp_rank, dp_size=world.dp_size,
+                           timeout_s=cfg.train.collective_timeout_s)
         self.checkpointer = Checkpointer(self.run_dir, cfg.train.keep_last, world.rank, world.world_size)
         self.step, self.tokens = 0, 0
         self.batch_iter = None
@@ -408,6 +410,8 @@ def train(cfg: RunConfig) -> dict:
             say(summary)
         return result
     finally:
+        for child in multiprocessing.active_children():  # data-loader workers a failure left mid-batch: they
+            child.kill()  # ignore SIGTERM (data/loader.py), so at exit multiprocessing would wait for them forever
         if lock is not None:
             lock.release()
         shutdown()
