@@ -349,3 +349,22 @@ def test_set_up_mistakes_are_refused_before_any_worker_starts(shards, tmp_path, 
     assert result.returncode == 2 and result.stderr.startswith(
         "error: data.tokenizer=/nonexistent.model does not exist; train one with") and result.stderr.count("\n") == 1
     assert not Path("/nonexistent.model").exists()
+
+
+def test_the_launcher_reads_its_workers_exits_whatever_their_order():
+    """Workers that all died before the launcher looked (a kill of the whole job step) are a failure, named;
+    a reported failure (exit 3) is passed on as it is; all done is 0."""
+    from titans_scale.train.workers import _supervise
+
+    def workers(*scripts: str) -> list[subprocess.Popen]:
+        procs = [subprocess.Popen([sys.executable, "-c", script]) for script in scripts]
+        for proc in procs:
+            proc.wait()
+        return procs
+
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    outcome = _supervise(workers(kill, kill), reported={2, 3, 143}, received=[])
+    assert (outcome.code, outcome.failed_code) == (1, -signal.SIGKILL) and outcome.failed_rank in (0, 1)
+    outcome = _supervise(workers("pass", "raise SystemExit(3)"), reported={2, 3, 143}, received=[])
+    assert (outcome.code, outcome.failed_rank) == (3, 1)
+    assert _supervise(workers("pass", "pass"), reported={2, 3, 143}, received=[]).code == 0
