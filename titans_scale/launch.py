@@ -112,14 +112,14 @@ def spawn_workers(argv: list[str], nproc: int, run_dir: str) -> int:
 
 def failure_line(err: Exception, cfg, rank: int) -> str | None:
     """The one line a run-time failure prints ("" when another rank prints it), None for a bug (traceback)."""
-    from titans_scale.train.faults import DISK_FULL, TrainingError, collective_timeout, write_failure
+    from titans_scale.train.faults import DISK_FULL, TrainingError, collective_failure, write_failure
 
     if isinstance(err, TrainingError):
         return str(err) if rank == 0 or not err.everywhere else ""
     if isinstance(err, OSError) and err.errno in DISK_FULL:
         return write_failure(err, err.filename or ".")
     if isinstance(err, RuntimeError) and cfg is not None:
-        return collective_timeout(err, cfg.train.collective_timeout_s, rank)
+        return collective_failure(err, cfg.train.collective_timeout_s, rank)
     return None
 
 

@@ -176,7 +176,8 @@ class TokenLoader(streaming.StreamingDataLoader):
     lockstep); load_state_dict() on a fresh loader, before iterating, continues exactly there.
     """
 
-    def __init__(self, dataset: DataParallelStreamingDataset, *, micro_batch: int, dp_size: int, num_workers: int, meta: dict, split: str):
+    def __init__(self, dataset: DataParallelStreamingDataset, *, micro_batch: int, dp_size: int, num_workers: int, meta: dict, split: str,
+                 timeout_s: float = 0.0):
         super().__init__(
             dataset,
             batch_size=micro_batch,
@@ -188,6 +189,7 @@ class TokenLoader(streaming.StreamingDataLoader):
             # spawned would otherwise spawn its workers too, each re-importing torch and streaming
             worker_init_fn=_keep_parent_sigterm,
             multiprocessing_context="fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None,
+            timeout=timeout_s if num_workers > 0 else 0,
         )
         self.dp_size = dp_size
         self.meta = meta
@@ -232,19 +234,23 @@ class TokenLoader(streaming.StreamingDataLoader):
 
 
 # ---------------------------------------------------------------------------------------- builders
-def build_train_loader(cfg: DataConfig, *, micro_batch: int, dp_rank: int, dp_size: int, seed: int | None = None) -> TokenLoader:
+def build_train_loader(cfg: DataConfig, *, micro_batch: int, dp_rank: int, dp_size: int, seed: int | None = None,
+                       timeout_s: float = 0.0) -> TokenLoader:
     """The training loader of one dp rank: shuffled with `seed` (cfg.shuffle_seed when None); a generated
-    stream when ``cfg.synthetic.task`` is set (``synthetic.SyntheticLoader``, its own seed)."""
+    stream when ``cfg.synthetic.task`` is set (``synthetic.SyntheticLoader``, its own seed). With worker
+    processes, `timeout_s` > 0 bounds the wait for a batch (streaming's workers wait for those of the other
+    ranks of the machine at each epoch's start: a stopped rank must not hang the others forever)."""
     if cfg.synthetic.task:
         return _synthetic_loader(cfg, "train", micro_batch, dp_rank, dp_size)
-    return _build_loader(cfg, "train", micro_batch, dp_rank, dp_size, shuffle=cfg.shuffle, seed=cfg.shuffle_seed if seed is None else seed)
+    return _build_loader(cfg, "train", micro_batch, dp_rank, dp_size, shuffle=cfg.shuffle,
+                         seed=cfg.shuffle_seed if seed is None else seed, timeout_s=timeout_s)
 
 
-def build_val_loader(cfg: DataConfig, *, micro_batch: int, dp_rank: int, dp_size: int) -> TokenLoader:
-    """The validation loader of one dp rank: the val split in order, not shuffled."""
+def build_val_loader(cfg: DataConfig, *, micro_batch: int, dp_rank: int, dp_size: int, timeout_s: float = 0.0) -> TokenLoader:
+    """The validation loader of one dp rank: the val split in order, not shuffled (`timeout_s`: as above)."""
     if cfg.synthetic.task:
         return _synthetic_loader(cfg, "val", micro_batch, dp_rank, dp_size)
-    return _build_loader(cfg, "val", micro_batch, dp_rank, dp_size, shuffle=False, seed=cfg.shuffle_seed)
+    return _build_loader(cfg, "val", micro_batch, dp_rank, dp_size, shuffle=False, seed=cfg.shuffle_seed, timeout_s=timeout_s)
 
 
 def _synthetic_loader(cfg: DataConfig, split: str, micro_batch: int, dp_rank: int, dp_size: int):
@@ -254,7 +260,8 @@ def _synthetic_loader(cfg: DataConfig, split: str, micro_batch: int, dp_rank: in
                            dp_rank=dp_rank, dp_size=dp_size)
 
 
-def _build_loader(cfg: DataConfig, split: str, micro_batch: int, dp_rank: int, dp_size: int, *, shuffle: bool, seed: int) -> TokenLoader:
+def _build_loader(cfg: DataConfig, split: str, micro_batch: int, dp_rank: int, dp_size: int, *, shuffle: bool, seed: int,
+                  timeout_s: float = 0.0) -> TokenLoader:
     validate_data_config(cfg)
     if micro_batch < 1:
         raise DataError(f"micro_batch={micro_batch} must be >= 1")
@@ -298,7 +305,8 @@ def _build_loader(cfg: DataConfig, split: str, micro_batch: int, dp_rank: int, d
                 "this process still alive); give this run its own data.cache_dir, or drop the old loader first"
             ) from None
         raise
-    return TokenLoader(dataset, micro_batch=micro_batch, dp_size=dp_size, num_workers=cfg.num_workers, meta=meta, split=split)
+    return TokenLoader(dataset, micro_batch=micro_batch, dp_size=dp_size, num_workers=cfg.num_workers, meta=meta, split=split,
+                       timeout_s=timeout_s)
 
 
 def _agreed(check):

@@ -59,7 +59,7 @@ class LanguageModelling(Task):
     def loaders(self, cfg, *, micro_batch: int, dp_rank: int, dp_size: int, seed: int):
         from titans_scale import data
 
-        args = dict(micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size)
+        args = dict(micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size, timeout_s=cfg.train.collective_timeout_s)
         val = data.build_val_loader(cfg.data, **args) if cfg.train.eval_batches else None
         return data.build_train_loader(cfg.data, seed=seed, **args), val
 

@@ -340,13 +340,13 @@ class Checkpointer:
             earlier = [p for p in complete_checkpoints(path.parent) if int(TAG.fullmatch(p.name).group(1))
                        < int(TAG.fullmatch(path.name).group(1))]
             aside = path.with_name(DAMAGED + path.name)
-            dist.barrier()  # every rank is done reading it
+            first_error(None)  # every rank is done reading it
             if self.rank == 0:
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(path, aside)
                 say(f"[resume] checkpoint {path} is damaged ({problem}): set aside as {aside.name}; "
                     + (f"falling back to {earlier[-1]}" if earlier else "no earlier checkpoint"))
-            dist.barrier()
+            first_error(None)
             if not earlier:
                 raise ConfigError(f"checkpoint {path} is damaged ({problem}) and no earlier complete checkpoint is "
                                   f"left in {path.parent}; resume=never with a fresh run_dir starts over")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import multiprocessing
 import sys
 import time
 from dataclasses import dataclass
@@ -423,6 +424,8 @@ def train(cfg: RunConfig) -> dict:
         e.reported = True
         raise
     finally:
+        for child in multiprocessing.active_children():  # data-loader workers a failure left mid-batch: they
+            child.kill()  # ignore SIGTERM (data/loader.py), so at exit multiprocessing would wait for them forever
         if lock is not None:
             lock.release()
         shutdown()

@@ -75,11 +75,19 @@ def weights_are_finite(module: torch.nn.Module) -> bool:
     return True
 
 
-def collective_timeout(err: BaseException, timeout_s: float, rank: int) -> str | None:
-    """One line for an exception that is a collective's timeout (gloo and nccl word it differently)."""
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")
+
+
+def collective_failure(err: BaseException, timeout_s: float, rank: int) -> str | None:
+    """One line for an exception raised by a collective that timed out or lost a partner rank (gloo and
+    nccl word them differently), else None."""
     text = str(err)
-    if not any(word in text for word in ("Timed out", "timed out", "Timeout", "timeout")):
-        return None
-    return (f"rank {rank}: a collective timed out after {timeout_s:g} s waiting for the other ranks (one of them "
-            f"died, hangs or is far slower; its output says why); resume=auto continues from the last complete "
-            f"checkpoint (train.collective_timeout_s sets the limit)")
+    fix = "resume=auto continues from the last complete checkpoint"
+    if any(word in text for word in ("Timed out", "timed out", "Timeout", "timeout")):
+        return (f"rank {rank}: timed out after {timeout_s:g} s waiting for the other ranks at a collective or the data "
+                f"loader (one of them died, hangs or is far slower; its output says why); {fix} "
+                f"(train.collective_timeout_s sets the limit)")
+    if any(word in text for word in PEER_LOST):
+        return f"rank {rank}: lost contact with another rank during a collective (it died; its output says why); {fix}"
+    return None

@@ -124,15 +124,15 @@ def _supervise(procs: list[subprocess.Popen], reported: set[int], received: list
         codes = [proc.poll() for proc in procs]
         if signal.SIGINT in received:
             return Outcome(130, interrupted=True)
-        if all(code is not None for code in codes):
-            if failed is None:
-                return Outcome(0)
-            return Outcome(failed[1] if failed[1] in reported else 1, *failed)
         if failed is None:
             newly = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
             if newly:  # a worker killed by a signal first, the ranks that died of its absence after
                 failed = min(newly, key=lambda rc: (rc[1] >= 0, rc[0]))
                 deadline = time.monotonic() + (REPORTED_GRACE_S if failed[1] in reported else 0.0)
+        if all(code is not None for code in codes):
+            if failed is None:
+                return Outcome(0)
+            return Outcome(failed[1] if failed[1] in reported else 1, *failed)
         if failed is not None and time.monotonic() >= deadline:
             for proc in procs:
                 if proc.poll() is None:
