@@ -21,7 +21,8 @@ def test_every_shipped_recipe_resolves():
     for name in names:
         cfg = resolve([f"recipe={name}", *data])
         assert isinstance(cfg, RunConfig) and cfg.recipe == name and cfg.run_dir == f"runs/{name}"
-        assert cfg.model.variant == ("mag" if name == "tiny" else name.split("_")[0])
+        parts = name.split("_")
+        assert cfg.model.variant == ("mag" if name == "tiny" else parts[1] if parts[0] == "recall" else parts[0])
         assert cfg.model.vocab_size == cfg.data.vocab_size
 
 
