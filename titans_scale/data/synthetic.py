@@ -56,6 +56,8 @@ def check_task(cfg: SyntheticConfig, seq_len: int, vocab: int, spans: dict[str, 
     (``spans``: name -> tokens a query sees, e.g. {"model.window": 64})."""
     if cfg.task not in TASKS:
         raise DataError(f"data.synthetic.task={cfg.task!r} is unknown; choose one of {', '.join(TASKS)} (or '' for the text corpus)")
+    if cfg.loss not in ("answers", "all"):
+        raise DataError(f"data.synthetic.loss={cfg.loss!r} must be answers or all")
     if cfg.items < 1 or cfg.distance < 1 or cfg.val_samples < 1 or cfg.seed < 0:
         raise DataError("data.synthetic.items, .distance and .val_samples must be >= 1 and .seed >= 0")
     size = alphabet_size(vocab)
@@ -71,6 +73,20 @@ def check_task(cfg: SyntheticConfig, seq_len: int, vocab: int, spans: dict[str, 
     if seq_len < _minimum_length(cfg):
         raise DataError(f"data.seq_len={seq_len} is too short for data.synthetic.task={cfg.task} with items={cfg.items} and "
                         f"distance={cfg.distance}; use data.seq_len >= {_minimum_length(cfg)}")
+
+
+def answer_weights(tokens, cfg: SyntheticConfig, vocab: int):
+    """(B, N - 1) float weights of the next-token targets of ``tokens`` (a torch batch of this task): 1 where the
+    target is an answer, else 0. Read off the tokens themselves: a key after the pairs (recall) or anything from
+    the query marker on (pass-key, copy) predicts an answer."""
+    import torch
+
+    inputs = tokens[:, :-1]
+    if cfg.task == "recall":
+        keys = (inputs >= RESERVED) & (inputs < RESERVED + alphabet_size(vocab))
+        after = torch.arange(inputs.shape[1], device=tokens.device) >= 2 * cfg.items
+        return (keys & after).float()
+    return torch.cummax((inputs == QUERY).int(), dim=1).values.float()
 
 
 def attention_spans(model) -> dict[str, int]:
