@@ -91,7 +91,7 @@ def recall(args, out: Path) -> list[dict]:
                                "--samples", str(args.recall_samples), "--out", str(run_dir / "eval")], cwd=ROOT,
                               stdout=subprocess.DEVNULL)
         result = json.loads((run_dir / "eval" / "recall.json").read_text())
-        rows.append({"variant": variant + (f" ({ablation})" if ablation else ""), "wall": wall, **result})
+        rows.append({**result, "variant": variant + (f" ({ablation})" if ablation else ""), "wall": wall})
         print(f"  {rows[-1]['variant']}: recall {100 * result['accuracy']:.1f}% (chance {100 * result['chance']:.1f}%), "
               f"{wall:.0f} s", flush=True)
     return rows
