@@ -257,4 +257,4 @@ def test_cli_entry_point_reports_one_line():
     done = subprocess.run([sys.executable, "-m", "titans_scale.eval", "perplexty", "--checkpoint", "x"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr == "error: unknown evaluation 'perplexty'; did you mean perplexity? choose one of perplexity, " \
-                                                    "niah, babilong, harness or lm_eval\n"
+                                                    "niah, babilong, harness, recall or lm_eval\n"
