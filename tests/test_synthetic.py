@@ -37,6 +37,13 @@ def test_samples_are_deterministic_and_answers_are_far_and_recalled(task):
         filler_or_marker = np.isin(s.tokens[outside], np.r_[FILLER, 9, 10]) | (s.tokens[outside] < 16 + alphabet_size(VOCAB))
         assert filler_or_marker.all()
     assert not np.array_equal(make_sample(cfg, SEQ, VOCAB, "train", 0).tokens, make_sample(cfg, SEQ, VOCAB, "val", 0).tokens)
+    # the training objective's answers (read off the tokens) are exactly the scored positions
+    from titans_scale.data.synthetic import answer_weights
+
+    samples = [make_sample(cfg, SEQ, VOCAB, "train", i) for i in range(8)]
+    weights = answer_weights(torch.from_numpy(np.stack([s.tokens for s in samples])), cfg, VOCAB)
+    for row, s in zip(weights, samples):
+        assert row.nonzero().flatten().tolist() == sorted(s.positions.tolist())
 
 
 def test_loader_resumes_exactly_and_splits_the_stream_over_ranks():
@@ -66,6 +73,7 @@ def test_loader_resumes_exactly_and_splits_the_stream_over_ranks():
     (["data.seq_len=150"], "data.seq_len=150 is too short"),
     (["data.synthetic.task=recal"], "is unknown; choose one of recall, passkey, copy"),
     (["model.vocab_size=100"], "model.vocab_size=100 is smaller than the task's"),
+    (["parallel.sp=2"], "data.synthetic.loss=answers is not supported under sequence parallelism"),
 ])
 def test_recall_recipes_refuse_what_would_not_test_a_memory(overrides, words):
     with pytest.raises(ConfigError) as err:

@@ -292,6 +292,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             from titans_scale.data.synthetic import attention_spans, check_task
 
             check_task(cfg.data.synthetic, cfg.data.seq_len, cfg.data.vocab_size, attention_spans(cfg.model))
+            if cfg.data.synthetic.loss == "answers" and cfg.parallel.sp > 1:
+                raise ConfigError("data.synthetic.loss=answers is not supported under sequence parallelism; "
+                                  "use data.synthetic.loss=all or parallel.sp=1")
             if cfg.model.vocab_size < cfg.data.vocab_size:
                 raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the task's data.vocab_size="
                                   f"{cfg.data.vocab_size}; set model.vocab_size={cfg.data.vocab_size}")

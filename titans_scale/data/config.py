@@ -20,6 +20,7 @@ class SyntheticConfig:
     distance: int = 128  # every answer is at least this many tokens after what it recalls
     val_samples: int = 64  # sequences of the validation split (and of the recall eval by default)
     seed: int = 0
+    loss: str = "answers"  # answers: train (and validate) on the answers only; all: on every next token
 
 
 @dataclass

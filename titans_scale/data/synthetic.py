@@ -1,7 +1,7 @@
 """Long-range synthetic tasks, generated instead of read from shards: the data of the ``recall_<variant>`` recipes.
 
-    recall    multi-query associative recall: ``items`` key-value pairs written at random places, then every key
-              asked again (in another order) at the end; the model must answer each key's value
+    recall    multi-query associative recall (MQAR): ``items`` key-value pairs first, then every key asked again, in
+              another order, at random places after ``distance``; the model must answer each key's value
     passkey   a pass-key of ``items`` digits after a marker, hidden in filler; at the end a query marker, then the
               key must be repeated
     copy      selective copying: ``items`` tokens scattered in filler; at the end a copy marker, then the tokens
@@ -56,6 +56,8 @@ def check_task(cfg: SyntheticConfig, seq_len: int, vocab: int, spans: dict[str, 
     (``spans``: name -> tokens a query sees, e.g. {"model.window": 64})."""
     if cfg.task not in TASKS:
         raise DataError(f"data.synthetic.task={cfg.task!r} is unknown; choose one of {', '.join(TASKS)} (or '' for the text corpus)")
+    if cfg.loss not in ("answers", "all"):
+        raise DataError(f"data.synthetic.loss={cfg.loss!r} must be answers or all")
     if cfg.items < 1 or cfg.distance < 1 or cfg.val_samples < 1 or cfg.seed < 0:
         raise DataError("data.synthetic.items, .distance and .val_samples must be >= 1 and .seed >= 0")
     size = alphabet_size(vocab)
@@ -73,6 +75,20 @@ def check_task(cfg: SyntheticConfig, seq_len: int, vocab: int, spans: dict[str, 
                         f"distance={cfg.distance}; use data.seq_len >= {_minimum_length(cfg)}")
 
 
+def answer_weights(tokens, cfg: SyntheticConfig, vocab: int):
+    """(B, N - 1) float weights of the next-token targets of ``tokens`` (a torch batch of this task): 1 where the
+    target is an answer, else 0. Read off the tokens themselves: a key after the pairs (recall) or anything from
+    the query marker on (pass-key, copy) predicts an answer."""
+    import torch
+
+    inputs = tokens[:, :-1]
+    if cfg.task == "recall":
+        keys = (inputs >= RESERVED) & (inputs < RESERVED + alphabet_size(vocab))
+        after = torch.arange(inputs.shape[1], device=tokens.device) >= 2 * cfg.items
+        return (keys & after).float()
+    return torch.cummax((inputs == QUERY).int(), dim=1).values.float()
+
+
 def attention_spans(model) -> dict[str, int]:
     """The attention spans of a model config's layers, by the key that sets them: sliding windows
     (``model.window``: SWA, MAG, MAL and the plain layers of LMM) and MAC's segments (``model.segment_len``);
@@ -87,9 +103,10 @@ def attention_spans(model) -> dict[str, int]:
 
 
 def _minimum_length(cfg: SyntheticConfig) -> int:
-    """Writes (with room to spread them), the distance, and the query section."""
-    writes = 2 * cfg.items if cfg.task == "recall" else cfg.items + 1
-    return 2 * writes + cfg.distance + writes
+    """Writes, the distance, and room to spread the queries (recall) or the writes (pass-key, copy)."""
+    if cfg.task == "recall":
+        return 2 * cfg.items + cfg.distance + 4 * cfg.items
+    return 3 * (cfg.items + 1) + cfg.distance
 
 
 def make_sample(cfg: SyntheticConfig, seq_len: int, vocab: int, split: str, index: int) -> Sample:
@@ -99,18 +116,15 @@ def make_sample(cfg: SyntheticConfig, seq_len: int, vocab: int, split: str, inde
     keys, values = RESERVED, RESERVED + size
     tokens = FILLER[np.arange(seq_len) % len(FILLER)].astype(np.int64)
     n = cfg.items
-    if cfg.task == "recall":
-        query_len = 2 * n
+    if cfg.task == "recall":  # MQAR (Zoology's layout): the pairs first, the queries scattered after the distance
         k = keys + rng.choice(size, n, replace=False)
         v = values + rng.integers(0, size, n)
-        # pairs at random, non-overlapping places before the last write slot; then the queries
-        slots = np.sort(rng.choice((seq_len - query_len - cfg.distance) // 2, n, replace=False)) * 2
-        tokens[slots], tokens[slots + 1] = k, v
-        start = seq_len - query_len
+        tokens[0 : 2 * n : 2], tokens[1 : 2 * n : 2] = k, v
+        first = 2 * n + cfg.distance - 2  # a query at slot s answers at s + 1, >= distance after the last value
+        slots = first + 2 * np.sort(rng.choice((seq_len - first) // 2, n, replace=False))
         order = rng.permutation(n)
-        tokens[start::2], tokens[start + 1 :: 2] = k[order], v[order]
-        positions = start + 2 * np.arange(n)  # at each asked key, predict its value
-        return Sample(tokens, positions, v[order], positions + 1 - (slots[order] + 1))
+        tokens[slots], tokens[slots + 1] = k[order], v[order]
+        return Sample(tokens, slots, v[order], slots - 2 * order)  # the value of pair i sits at 2 i + 1
     digits = values + rng.integers(0, 10 if cfg.task == "passkey" else size, n)
     start = seq_len - n - 1
     tokens[start] = QUERY

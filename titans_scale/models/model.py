@@ -89,12 +89,14 @@ class TitansLM(nn.Module):
         h, state = self.hidden_states(tokens, state)
         return self.head(h), state
 
-    def loss(self, tokens: Tensor) -> Tensor:
-        """Mean next-token cross-entropy of each sample's tokens[:, 1:] given tokens[:, :-1]."""
+    def loss(self, tokens: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy of each sample's tokens[:, 1:] given tokens[:, :-1]; with ``weights``
+        (B, N - 1), the weighted mean (e.g. a synthetic task's answers only)."""
         if tokens.dim() != 2 or tokens.shape[1] < 2:
             raise ValueError(f"tokens have shape {tuple(tokens.shape)}; the loss needs (batch, tokens) with tokens >= 2")
         h, _ = self.hidden_states(tokens[:, :-1])
-        return self.token_loss(self.head(h), tokens[:, 1:]).mean()
+        losses = self.token_loss(self.head(h), tokens[:, 1:])
+        return losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp_min(1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ compose with ZeRO.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -108,17 +109,31 @@ def agreed(fn, world):
 
 class Objective(nn.Module):
     """The model under training, seen by DeepSpeed: forward(*batch) is the loss it backpropagates
-    (``model.loss(tokens)`` for language modelling, ``model.loss(window, target)`` for forecasting, ...)."""
+    (``model.loss(tokens)`` for language modelling, ``model.loss(window, target)`` for forecasting, ...).
+    ``weights(tokens)``, when given, weights each next-token target (a synthetic task's answers only)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, weights=None):
         super().__init__()
         self.model = model
+        self.weights = weights
 
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(*batch)
+        if self.weights is None:
+            return self.model.loss(*batch)
+        return self.model.loss(*batch, self.weights(batch[0]))
 
 
 NextTokenObjective = Objective  # the language model's objective, by its former name
+
+
+def target_weights(cfg: RunConfig):
+    """The objective's per-target weights: a synthetic task's answers (``data.synthetic.loss=answers``), else None."""
+    task = cfg.data.synthetic
+    if cfg.task != "lm" or not task.task or task.loss != "answers":
+        return None
+    from titans_scale.data.synthetic import answer_weights
+
+    return functools.partial(answer_weights, cfg=task, vocab=cfg.data.vocab_size)
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -172,7 +187,7 @@ def build_engine(model: nn.Module, cfg: RunConfig, plan: Plan, device: torch.dev
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
     schedule = dict(total_steps=plan.total_steps, warmup_steps=t.warmup_steps, lr=t.lr, min_lr=t.min_lr)
     engine, *_ = deepspeed.initialize(
-        model=Objective(model).to(device),
+        model=NextTokenObjective(model, target_weights(cfg)).to(device),
         optimizer=optimizer,
         model_parameters=groups if optimizer is None else None,
         lr_scheduler=lambda opt: build_scheduler(opt, **schedule),
