@@ -2,11 +2,11 @@
 
     python benchmarks/bench_dna.py [--models lmm mal swa] [--steps 300] [--length 256]
 
-The generated task (data/dna.py MotifTask): random bases with one of two motifs in the first 32 and one in
-the last 40; the class says whether they are the same motif. Every model has 2 layers and the window of
-recipe ``dna_classify`` (64 bases): at the last base, SWA reaches 2 x 63 bases back, short of the start
-motif, so it can do no better than chance (50%); a memory carries the start across the sequence. Each row
-is one run of the recipe through the launcher and the ``eval classify`` command (test accuracy).
+The generated task (data/dna.py MotifTask): random bases with a motif slot in the first 32 bases and one in
+the last 40, each holding motif M or another; the class is how many hold M (none, one, two). Every model
+has 2 layers and the window of recipe ``dna_classify`` (64 bases), and classifies from its last base: there
+SWA reaches 2 x 63 bases back, short of the start slot, so it can score at most 50%; a memory can carry the
+start to the end. Each row is one run of the recipe through the launcher and the ``eval classify`` command.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ def main() -> None:
                 root / model, "classify", [])
             rows.append((model, record, cpu))
             print(f"#   {model:<12} accuracy {100 * record['accuracy']:.1f}% ({cpu / 60:.1f} CPU min)", flush=True)
-    print("| model | test accuracy % | same % | different % | CPU min |")
-    print("|---|---|---|---|---|")
+    classes = list(rows[0][1]["per_class"])
+    print("| model | test accuracy % | " + " | ".join(f"class {c} %" for c in classes) + " | CPU min |")
+    print("|---" * (3 + len(classes)) + "|")
     for model, record, cpu in rows:
-        per = record["per_class"]
-        print(f"| {model} | {100 * record['accuracy']:.1f} | {100 * per['same']:.1f} | {100 * per['different']:.1f} | "
-              f"{cpu / 60:.1f} |")
+        per = " | ".join(f"{100 * record['per_class'][c]:.1f}" for c in classes)
+        print(f"| {model} | {100 * record['accuracy']:.1f} | {per} | {cpu / 60:.1f} |")
 
 
 if __name__ == "__main__":
