@@ -15,7 +15,7 @@ import torch
 
 from titans_scale.parallel.spawn import spawn
 
-K = 3
+K = 2
 SMALL_MODEL = ["model.dim=16", "model.n_heads=2", "model.n_layers=2", "model.persistent_tokens=2", "model.window=8",
                "model.segment_len=8", "model.memory.chunk_size=4", "model.memory.expansion=2"]
 ENGINE = [f"train.steps={2 * K}", f"train.checkpoint_every={K}", f"train.eval_every={K}", "train.eval_batches=2",

@@ -72,20 +72,17 @@ def test_class_folders(tmp_path):
         read_class_folders(tmp_path / "train")
 
 
-def test_motif_task_label_is_whether_the_start_and_end_motifs_agree():
+def test_motif_task_class_counts_the_first_motif_in_both_slots():
     task = MotifTask(length=128, seed=1)
-    motifs = ["".join("ACGT"[b] for b in m) for m in task.motifs()]
+    motif = "".join("ACGT"[b] for b in task.motifs()[0])
     rng = np.random.default_rng(0)
-    checked = 0
+    counts = []
     for _ in range(200):
         bases, label = task.sample(rng)
-        assert len(bases) == 128 and label in ("same", "different")
-        head = [i for i, m in enumerate(motifs) if m in bases[: 128 // 8]]  # the first length / 8 bases
-        tail = [i for i, m in enumerate(motifs) if m in bases[-(128 // 8 + 8):]]  # the last length / 8 + motif
-        if len(head) == len(tail) == 1:  # (a motif can also turn up by chance: rare)
-            assert (head == tail) == (label == "same")
-            checked += 1
-    assert checked > 190
+        head, tail = bases[: 128 // 8], bases[-(128 // 8 + 8):]  # the first length / 8, the last length / 8 + motif
+        counts.append(MotifTask.CLASSES.index(label))
+        assert len(bases) == 128 and counts[-1] == (motif in head) + (motif in tail)
+    assert sorted(set(counts)) == [0, 1, 2]
 
 
 def test_fasta_prepares_into_token_shards(tmp_path, dna_tok):
@@ -147,3 +144,23 @@ def test_classify_recipe_and_refusals(tmp_path, capsys):
     code = main(["recipe=dna_classify", f"classify.data_dir={tmp_path / 'data'}", "dry_run=true", f"run_dir={tmp_path}/r"])
     err = capsys.readouterr().err
     assert code == 2 and err == f"error: class folder {tmp_path / 'data' / 'train' / 'b'} holds no sequences (no non-empty files); add its sequences or remove the folder\n"
+
+
+def test_classifier_starts_from_a_pretrained_model_file(tmp_path, monkeypatch):
+    """classify.init_from: the pretraining run's model.pt loads into the classifier (same model.*, checked)."""
+    from titans_scale.config import ConfigError, resolve
+    from titans_scale.eval.checkpoint import save_model
+    from titans_scale.tasks import get_task
+
+    monkeypatch.setenv("TITANS_DATA_DIR", str(tmp_path / "data"))
+    small = ["classify.generated.length=64", "classify.generated.train=20", "classify.generated.test=4", "data.seq_len=64"]
+    pretrained = build_model(resolve(["recipe=dna_pretrain"]).model)
+    path = save_model(pretrained, tmp_path / "pre" / "model.pt")
+    cfg = resolve(["recipe=dna_classify", f"classify.init_from={path}", *small])
+    task = get_task("classify")
+    task.check(cfg, build=True)
+    model = task.build_model(cfg)
+    assert torch.equal(model.embed.weight, pretrained.embed.weight)
+    assert torch.equal(model.blocks[1].mlp.down.weight, pretrained.blocks[1].mlp.down.weight)
+    with pytest.raises(ConfigError, match=r"has another model config \(dim: 64 -> 32.*set the same model.\* as its pretraining run"):
+        task.check(resolve(["recipe=dna_classify", f"classify.init_from={path}", "model.dim=32", *small]), build=False)

@@ -235,10 +235,10 @@ def check_prepared_data(sub: Submission) -> None:
 def estimate(cfg: RunConfig, plan: Plan, mfu: float, peak_flops: float | None = None) -> tuple[float, float, float]:
     """(training FLOPs per token, total FLOPs, GPU-hours) of a run at ``mfu`` of ``peak_flops`` per GPU
     (default: ``train.peak_flops``, else an H100's dense bf16 989 TFLOP/s). Training = 3 x forward."""
-    from titans_scale.models import model_stats
+    from titans_scale.tasks import get_task
     from titans_scale.train.metrics import GPU_PEAK_FLOPS
 
-    _, forward = model_stats(cfg.model, plan.seq_len)
+    _, forward = get_task(cfg.task).stats(cfg)  # per token of plan.seq_len (the task's own count for others)
     per_token = 3 * forward
     total = per_token * plan.total_steps * plan.tokens_per_step
     peak = peak_flops or cfg.train.peak_flops or GPU_PEAK_FLOPS
@@ -259,15 +259,15 @@ def estimate_line(cfg: RunConfig, plan: Plan, mfu: float = 0.4, time_limit: str 
 
 def plan_lines(sub: Submission) -> list[str]:
     """What the run is and what it will cost, a few lines for a human."""
-    from titans_scale.models import model_stats
+    from titans_scale.tasks import get_task, model_name
     from titans_scale.train.metrics import human
 
     cfg, plan, sc = sub.cfg, sub.plan, sub.sc
-    params, forward = model_stats(cfg.model, plan.seq_len)
+    params, forward = get_task(cfg.task).stats(cfg)
     gpus = f" ({sc.gpus_per_node} GPUs each)" if sc.gpus_per_node else ""
     where = f"{sc.nodes} node(s) x {sc.tasks_per_node} task(s){gpus}"
     lines = [
-        f"[plan] {cfg.recipe}: {cfg.model.variant} model, {human(params)} parameters, {human(3 * forward)} FLOPs per "
+        f"[plan] {cfg.recipe}: {model_name(cfg)} model, {human(params)} parameters, {human(3 * forward)} FLOPs per "
         f"token (training = 3 x forward) at seq_len {plan.seq_len}",
         f"[plan] {where} | {plan.describe()} | {human(plan.total_steps * plan.tokens_per_step)} tokens",
     ]

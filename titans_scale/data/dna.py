@@ -217,11 +217,11 @@ class GeneratedGenome:
 
 @dataclass
 class MotifTask:
-    """A classification task with a long-range dependence. Each sequence is random bases with one of two
-    motifs near its start (within the first length / 8 bases) and one near its end (within the last
-    length / 8 + motif_len); the class is ``same`` when the two are the same motif, else ``different``. The
-    end alone says nothing about the class: a model must carry what it saw at the start over at least
-    3 / 4 of the sequence (minus the motif)."""
+    """A classification task with a long-range dependence. Each sequence is random bases with two motif
+    slots: one within the first length / 8 bases, one within the last length / 8 + motif_len. Each slot
+    holds one of two motifs, M or another; the class is how many slots hold M: ``none``, ``one`` or
+    ``two``. The end alone leaves two classes equally likely, so a model that cannot see the start scores
+    at most 50%; one that carries the start motif to the end can score 100%."""
 
     length: int = 256
     train: int = 2000
@@ -229,19 +229,22 @@ class MotifTask:
     seed: int = 0
     motif_len: int = 8
 
+    CLASSES = ("none", "one", "two")
+
     def motifs(self) -> tuple[np.ndarray, np.ndarray]:
+        """M and the other motif."""
         rng = np.random.default_rng([self.seed, 7])
         return rng.integers(0, 4, self.motif_len), rng.integers(0, 4, self.motif_len)
 
     def sample(self, rng: np.random.Generator) -> tuple[str, str]:
         motifs, m = self.motifs(), self.motif_len
         seq = rng.integers(0, 4, self.length)
-        first, last = int(rng.integers(2)), int(rng.integers(2))
+        first, last = int(rng.integers(2)), int(rng.integers(2))  # 0: M
         head, tail = self.length // 8, self.length // 8 + m
         start, end = int(rng.integers(0, head - m + 1)), int(rng.integers(self.length - tail, self.length - m + 1))
         seq[start : start + m] = motifs[first]
         seq[end : end + m] = motifs[last]
-        return "".join("ACGT"[b] for b in seq), "same" if first == last else "different"
+        return "".join("ACGT"[b] for b in seq), self.CLASSES[(first == 0) + (last == 0)]
 
     def write(self, root: Path) -> Path:
         """The task in the GenomicsBenchmarks layout under ``root`` (train/ and test/, a folder per class)."""
