@@ -9,8 +9,8 @@ Interface used by the training engine, evaluation and generation:
   ``tokens[:, 1:]`` from ``tokens[:, :-1]``).
 - The pieces, for parallel wrappers: ``hidden_states(tokens, state)``, ``head`` (an ``nn.Linear``; tied
   to ``embed`` when configured) and ``token_loss(logits, targets) -> per-token losses``, an attribute
-  that tensor parallelism replaces with megatron's ``vocab_parallel_cross_entropy``. Every projection is
-  a separate ``nn.Linear`` (``to_q``/``to_k``/``to_v``/``to_out``, ``gate``/``up``/``down``, the memory's
+  that tensor parallelism replaces with ``vocab_parallel_token_loss`` (vocabulary shards). Every projection
+  is a separate ``nn.Linear`` (``to_q``/``to_k``/``to_v``/``to_out``, ``gate``/``up``/``down``, the memory's
   own) with heads contiguous along the output features, ready for Column/RowParallelLinear.
 """
 

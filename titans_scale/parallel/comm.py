@@ -105,12 +105,12 @@ def _reduce_scatter(x: Tensor, dim: int, group, kind: str) -> Tensor:
     return out.movedim(0, dim)
 
 
-def _all_reduce(x: Tensor, group, kind: str) -> Tensor:
+def _all_reduce(x: Tensor, group, kind: str, op=dist.ReduceOp.SUM) -> Tensor:
     x = x.clone(memory_format=torch.contiguous_format)
     n = dist.get_world_size(group)
     STATS.sent[kind] += 2 * _nbytes(x) * (n - 1) // n  # ring all-reduce: reduce-scatter + all-gather
     with _timed(kind):
-        dist.all_reduce(x, group=group)
+        dist.all_reduce(x, op=op, group=group)
     return x
 
 

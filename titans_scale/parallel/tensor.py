@@ -6,7 +6,7 @@ every memory, i.e. the rows of W_Q, W_K, W_V, the gate projections and W_G (mega
 LayerNorm, and so the memory state of its heads: the memory recurrence needs no communication. Output
 projections are ``RowParallelLinear``; the SwiGLU MLP is split Megatron-style (gate/up by columns, down
 by rows); the embedding and the output head are split over the vocabulary (``VocabParallelEmbedding``,
-``vocab_parallel_cross_entropy``). Every new weight is the exact shard of the single-process weight.
+``vocab_parallel_token_loss``). Every new weight is the exact shard of the single-process weight.
 
 A tensor-parallel region starts at each mixer's and each MLP's input (identity forward, all-reduce of the
 input gradient) and ends at the row-parallel projections (all-reduce forward). The column layers
@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import Function
 
 from titans_scale.memory import NeuralMemory
 from titans_scale.models import Attention, LongTermMemory, MemoryAsContext, MemoryAsGate
@@ -220,11 +221,36 @@ def _vocab_parallel_embedding_class():
     return VocabEmbedding
 
 
-def vocab_parallel_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-token cross-entropy of vocabulary-sharded logits (megatron computes it in float32)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+class _VocabParallelCrossEntropy(Function):
+    """Per-token cross-entropy of logits split over the vocabulary (this rank holds columns ``[rank V/tp,
+    (rank + 1) V/tp)``), in the dtype the single-process loss uses (``token_cross_entropy``: the logits'
+    dtype, at least float32). Megatron's ``vocab_parallel_cross_entropy`` always computes in float32,
+    which puts float32 rounding into every gradient of a float64 model."""
 
-    return vocab_parallel_cross_entropy(logits.contiguous(), targets)
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, group, rank: int):
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        x = x - comm._all_reduce(x.max(-1).values, group, "tp", dist.ReduceOp.MAX).unsqueeze(-1)
+        local = targets - rank * x.shape[-1]
+        outside = (local < 0) | (local >= x.shape[-1])
+        local = local.masked_fill(outside, 0)
+        picked = x.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = x.exp()
+        both = comm._all_reduce(torch.stack([exp.sum(-1), picked]), group, "tp")  # sum of exp, target logit
+        ctx.save_for_backward(exp.div_(both[0].unsqueeze(-1)), local, outside)  # exp becomes the softmax
+        ctx.dtype = logits.dtype
+        return both[0].log() - both[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        softmax, local, outside = ctx.saved_tensors
+        grad_x = softmax.scatter_add(-1, local.unsqueeze(-1), (outside.to(softmax.dtype) - 1.0).unsqueeze(-1))
+        return (grad_x * grad.unsqueeze(-1)).to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_token_loss(region: Region, logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token cross-entropy of vocabulary-sharded logits, shaped like ``targets``."""
+    return _VocabParallelCrossEntropy.apply(logits, targets, region.group, region.rank)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,7 +369,7 @@ def tensor_parallelize(model: nn.Module, groups, sequence_parallel: bool = False
         head.weight = embed.weight
     model.embed, model.head = embed, head
     wrap_forward(model.head, _head_region, region)
-    model.token_loss = vocab_parallel_token_loss
+    model.token_loss = functools.partial(vocab_parallel_token_loss, region)
     wrap_forward(model, _hidden_states, region, method="hidden_states")
     wrap_forward(model, _full_vocabulary, region)
     return region
