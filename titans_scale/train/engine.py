@@ -15,7 +15,9 @@ import itertools
 import logging
 import math
 import multiprocessing
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,6 +399,19 @@ def checked_plan(cfg: RunConfig, world, lock=None) -> Plan:
     return agreed(check, world)
 
 
+def stop_leftover_workers() -> None:
+    """Kill the data-loader workers a failure left mid-batch (a traceback still holds their loader). They ignore
+    SIGTERM (data/loader.py), so at exit multiprocessing would wait for them forever. torch's SIGCHLD handler
+    is dropped first: it would raise "DataLoader worker is killed" over the failure being reported."""
+    children = multiprocessing.active_children()
+    if children:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in children:
+            child.kill()
+            child.join()
+
+
 def train(cfg: RunConfig) -> dict:
     """The main job, on every rank: join the groups, check, train, validate, save, export, sample, leave.
     Returns the step, tokens, first and last validation loss, and ``stopped``: the signal a Slurm job's end
@@ -439,8 +454,7 @@ def train(cfg: RunConfig) -> dict:
         e.reported = True
         raise
     finally:
-        for child in multiprocessing.active_children():  # data-loader workers a failure left mid-batch: they
-            child.kill()  # ignore SIGTERM (data/loader.py), so at exit multiprocessing would wait for them forever
+        stop_leftover_workers()
         if lock is not None:
             lock.release()
         shutdown()
