@@ -53,7 +53,7 @@ class GateState:
 class MemoryAsGate(nn.Module):
     """MAG: ``o = SWA([P | x]) * sigmoid(RMSNorm(M(x)))``, the memory branch normalised with a learned scale.
 
-    The paper normalises both branches. Normalising the attention output too (our first form) made the
+    The paper normalises both branches. Normalising the attention output too (this code's previous form) made the
     mixer's output unit-sized at initialisation, 20x the embeddings, where every other residual branch starts
     small (its output projection at init_std / sqrt(2 n_layers)): MAG then plateaued (docs/memory.md). The
     attention branch keeps that scale here; the gate's argument is normalised, so the memory decides it.
